@@ -1,0 +1,1 @@
+"""jft: fine-tuning language models in JAX/Flax."""

@@ -1,0 +1,267 @@
+"""SentencePiece tokenizer: a picklable wrapper, training, and a small CLI.
+
+Trained models (`train_tokenizer`) have fixed special ids, pad=0, unk=1, bos=2,
+eos=3, [MASK]=4 (for MLM), and are lossless: identity normalisation, no
+whitespace collapsing, byte fallback for unseen characters, so
+decode(encode(s)) == s. There is no dummy prefix: encoding a prompt and its
+completion (" answer") separately gives the same ids as encoding them joined,
+which SFT/DPO masking relies on. Digits are split into single tokens, so
+arithmetic is over digits rather than over arbitrary BPE merges of numbers.
+
+CLI:
+  python -m jft.data.tokenizer --input=a.jsonl,b.txt --field=text \
+      --vocab_size=512 --output=tok.model
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+
+import sentencepiece as spm
+from absl import flags
+
+MASK_PIECE = "[MASK]"
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+class Tokenizer:
+  """A SentencePiece model held as serialized bytes, so it pickles cheaply.
+
+  The C++ processor is not picklable; it is rebuilt lazily after unpickling
+  (e.g. in grain worker processes).
+  """
+
+  def __init__(self, model_proto: bytes, name: str = "<in-memory model>"):
+    self._proto = bytes(model_proto)
+    self._name = name
+    self._sp_cache: spm.SentencePieceProcessor | None = None
+    self._validate()
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> Tokenizer:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"Tokenizer model file not found: {path!r}.")
+    with open(path, "rb") as f:
+      return cls(f.read(), name=path)
+
+  # -- pickling: bytes travel, the processor is rebuilt on first use.
+  def __getstate__(self) -> dict:
+    return {"proto": self._proto, "name": self._name}
+
+  def __setstate__(self, state: dict) -> None:
+    self._proto = state["proto"]
+    self._name = state["name"]
+    self._sp_cache = None
+
+  @property
+  def _sp(self) -> spm.SentencePieceProcessor:
+    if self._sp_cache is None:
+      sp = spm.SentencePieceProcessor()
+      try:
+        sp.LoadFromSerializedProto(self._proto)
+      except RuntimeError as e:
+        raise ValueError(
+          f"{self._name!r} is not a valid SentencePiece model: {e}"
+        ) from None
+      self._sp_cache = sp
+    return self._sp_cache
+
+  def _validate(self) -> None:
+    ids = {"pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id}
+    for key, value in ids.items():
+      if value < 0:
+        raise ValueError(
+          f"Tokenizer {self._name!r} has no {key[:-3]} token ({key}="
+          f"{value}); jft needs pad, bos and eos. Train one with "
+          "jft.data.tokenizer.train_tokenizer."
+        )
+    if self.pad_id == self.eos_id:
+      raise ValueError(
+        f"Tokenizer {self._name!r} has pad_id == eos_id == {self.pad_id}; "
+        "jft masks padding by id, so pad must differ from eos."
+      )
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
+
+  @property
+  def pad_id(self) -> int:
+    return self._sp.pad_id()
+
+  @property
+  def bos_id(self) -> int:
+    return self._sp.bos_id()
+
+  @property
+  def eos_id(self) -> int:
+    return self._sp.eos_id()
+
+  @property
+  def unk_id(self) -> int:
+    return self._sp.unk_id()
+
+  @property
+  def mask_id(self) -> int:
+    i = self._sp.piece_to_id(MASK_PIECE)
+    if self._sp.id_to_piece(i) != MASK_PIECE:  # Unknown pieces map to unk.
+      raise ValueError(
+        f"Tokenizer {self._name!r} has no mask token {MASK_PIECE!r}, which "
+        "MLM needs. Train one with jft.data.tokenizer.train_tokenizer (it "
+        f"always reserves {MASK_PIECE}), or pass "
+        f"user_defined_symbols=['{MASK_PIECE}'] to SentencePiece."
+      )
+    return i
+
+  def encode(self, text: str) -> list[int]:
+    """Ids of `text`, without bos/eos (callers add them where they belong)."""
+    return self._sp.encode(text, out_type=int)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Text of `ids`, skipping pad/bos/eos (accepts numpy arrays too)."""
+    special = {self.pad_id, self.bos_id, self.eos_id}
+    return self._sp.decode([int(i) for i in ids if int(i) not in special])
+
+  def id_to_piece(self, i: int) -> str:
+    return self._sp.id_to_piece(int(i))
+
+  def __repr__(self) -> str:
+    return f"Tokenizer({self._name!r}, vocab_size={self.vocab_size})"
+
+
+# ------------------------------------------------------------------ training
+
+
+def _file_lines(path: str, field: str | None) -> Iterator[str]:
+  """Texts of a file: `field` of each JSONL record, else each non-empty line."""
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      line = line.rstrip("\n")
+      if not line.strip():
+        continue
+      if field is None or not path.endswith(".jsonl"):
+        yield line
+        continue
+      record = json.loads(line)
+      if field not in record:
+        raise KeyError(f"{path}:{lineno} has no field {field!r}.")
+      yield record[field]
+
+
+def _write_bytes_atomic(path: str, data: bytes) -> None:
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def train_tokenizer(
+  texts: Iterable[str] | None = None,
+  *,
+  files: Sequence[str] = (),
+  output_path: str,
+  vocab_size: int = 512,
+  model_type: str = "bpe",
+  user_defined_symbols: Sequence[str] = (),
+  field: str = "text",
+) -> Tokenizer:
+  """Train a SentencePiece model on `texts` and/or `files`; write it atomically.
+
+  Files ending in `.jsonl` contribute their `field`; other files their lines.
+  Training is deterministic (one thread, no input sampling or shuffling), so
+  the same input gives a byte-identical model. `vocab_size` is an upper bound
+  (`hard_vocab_limit=False`): a small corpus yields a smaller vocabulary rather
+  than an error. With byte fallback, 256 byte pieces count towards it.
+  """
+  texts = iter(()) if texts is None else iter(texts)
+  file_texts = (t for path in files for t in _file_lines(path, field))
+  symbols = [MASK_PIECE] + [s for s in user_defined_symbols if s != MASK_PIECE]
+  buf = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=itertools.chain(texts, file_texts),
+    model_writer=buf,
+    model_type=model_type,
+    vocab_size=vocab_size,
+    hard_vocab_limit=False,
+    pad_id=PAD_ID,
+    unk_id=UNK_ID,
+    bos_id=BOS_ID,
+    eos_id=EOS_ID,
+    user_defined_symbols=symbols,
+    split_digits=True,
+    byte_fallback=True,
+    character_coverage=1.0,
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    add_dummy_prefix=False,
+    # Determinism: one thread, every sentence, in input order.
+    num_threads=1,
+    input_sentence_size=0,
+    shuffle_input_sentence=False,
+    minloglevel=2,
+  )
+  proto = buf.getvalue()
+  tok = Tokenizer(proto, name=output_path)
+  _write_bytes_atomic(output_path, proto)
+  return tok
+
+
+# ----------------------------------------------------------------------- CLI
+
+
+def _make_flags() -> flags.FlagValues:
+  # Private FlagValues: importing this module must not register global flags
+  # that could clash with jft.main's.
+  fv = flags.FlagValues()
+  flags.DEFINE_list(
+    "input", None, "Comma-separated input files.", flag_values=fv
+  )
+  flags.DEFINE_string(
+    "field", "text", "Field of .jsonl records.", flag_values=fv
+  )
+  flags.DEFINE_integer("vocab_size", 512, "Max vocab size.", flag_values=fv)
+  flags.DEFINE_string(
+    "model_type", "bpe", "bpe|unigram|char|word.", flag_values=fv
+  )
+  flags.DEFINE_string("output", None, "Output .model path.", flag_values=fv)
+  flags.mark_flags_as_required(["input", "output"], flag_values=fv)
+  return fv
+
+
+def main(argv: Sequence[str]) -> Tokenizer:
+  """Parse `argv` (argv[0] is the program name) and train a tokenizer."""
+  fv = _make_flags()
+  if "--help" in argv or "-h" in argv:
+    print(fv.get_help())
+    sys.exit(0)
+  try:
+    fv(list(argv))
+  except flags.Error as e:
+    sys.exit(f"{e}\nFlags:\n{fv.get_help()}")
+  tok = train_tokenizer(
+    files=fv.input,
+    field=fv.field,
+    output_path=fv.output,
+    vocab_size=fv.vocab_size,
+    model_type=fv.model_type,
+  )
+  print(f"Wrote {fv.output}: vocab_size={tok.vocab_size}")
+  return tok
+
+
+if __name__ == "__main__":
+  main(sys.argv)

@@ -1,0 +1,23 @@
+"""Objectives by name: `config.objective` picks one, never an if-branch.
+
+Each objective module defines a class with the `jft.objectives.base.Objective`
+interface; the registry maps names to `module:Class` and imports lazily.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+REGISTRY = {
+  "clm": "jft.objectives.clm:CLM",
+}
+
+
+def get(name: str):
+  """Returns the objective class registered under `name`."""
+  if name not in REGISTRY:
+    raise ValueError(
+      f"config.objective: unknown {name!r}; known: {sorted(REGISTRY)}"
+    )
+  module, cls = REGISTRY[name].split(":")
+  return getattr(importlib.import_module(module), cls)

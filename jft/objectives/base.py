@@ -1,0 +1,65 @@
+"""The objective interface the one trainer loop drives.
+
+An objective owns (a) host-side conversion of JSONL records to examples and
+(b) a pure loss returning sums and weights, so gradient accumulation and
+multi-device reduction normalise once (token-weighted, MaxText style).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# name -> (sum, weight); the logged value is sum / weight.
+MetricSums = dict[str, tuple[jax.Array, jax.Array]]
+# apply_fn(params, inputs, positions, segment_ids, *, rng, train) -> logits
+ApplyFn = Callable[..., jax.Array]
+
+
+class Objective:
+  """Base class; subclasses set `name` and `fields` and implement `loss`."""
+
+  name: str = ""
+  fields: tuple[str, ...] = ()  # JSONL fields each record must have
+
+  def __init__(self, config, tokenizer):
+    self.config = config
+    self.tokenizer = tokenizer
+
+  def make_examples(self, records: Sequence[Mapping[str, Any]]) -> list[dict]:
+    raise NotImplementedError
+
+  def loss(
+    self,
+    apply_fn: ApplyFn,
+    params: Any,
+    batch: Mapping[str, jax.Array],
+    rng: jax.Array,
+    train: bool,
+  ) -> tuple[jax.Array, jax.Array, MetricSums]:
+    """Returns (loss_sum, weight, metric_sums); loss = loss_sum / weight."""
+    raise NotImplementedError
+
+  def host_eval(self, predict, params) -> dict[str, float]:
+    """Extra host-side evaluation (e.g. generation accuracy); default none."""
+    del predict, params
+    return {}
+
+
+def token_cross_entropy(
+  logits: jax.Array, targets: jax.Array, weights: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Weighted token CE in float32.
+
+  Returns (ce_sum, weight_sum, correct_sum) over all tokens.
+  """
+  logits = logits.astype(jnp.float32)  # [B, T, V]
+  logp = jax.nn.log_softmax(logits, axis=-1)  # [B, T, V]
+  tgt_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  weights = weights.astype(jnp.float32)  # [B, T]
+  ce_sum = -jnp.sum(tgt_logp * weights)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return ce_sum, jnp.sum(weights), jnp.sum(correct * weights)

@@ -1,0 +1,37 @@
+"""Causal-LM (next-token) pretraining objective on `{"text"}` records."""
+
+from __future__ import annotations
+
+import chex
+
+from jft.data import pipeline
+from jft.objectives import base
+
+
+class CLM(base.Objective):
+  """Token-weighted next-token cross-entropy over packed documents."""
+
+  name = "clm"
+  fields = ("text",)
+
+  def make_examples(self, records):
+    tok = self.tokenizer
+    return [
+      pipeline.clm_example(r["text"], tok.encode, tok.bos_id, tok.eos_id)
+      for r in records
+    ]
+
+  def loss(self, apply_fn, params, batch, rng, train):
+    chex.assert_rank(batch["inputs"], 2)
+    logits = apply_fn(
+      params,
+      batch["inputs"],
+      batch["positions"],
+      batch["segment_ids"],
+      rng=rng,
+      train=train,
+    )  # [B, T, V]
+    ce, w, correct = base.token_cross_entropy(
+      logits, batch["targets"], batch["weights"]
+    )
+    return ce, w, {"accuracy": (correct, w)}

@@ -1,0 +1,89 @@
+"""Optimizer from config: optax chain with schedule, clipping and decay mask.
+
+The optimizer only ever sees the trainable subtree; frozen weights carry no
+optimizer state (see `jft.state`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import ml_collections
+import optax
+
+from jft.state import flat_paths
+
+
+def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int):
+  """Learning-rate schedule: linear warmup then cosine/linear/constant."""
+  warmup = int(cfg.warmup_steps)
+  if warmup >= total_steps and total_steps > 0:
+    warmup = max(total_steps - 1, 0)
+  decay_steps = max(total_steps - warmup, 1)
+  end = cfg.lr * cfg.min_lr_ratio
+  if cfg.schedule == "cosine":
+    main = optax.cosine_decay_schedule(
+      cfg.lr, decay_steps, alpha=cfg.min_lr_ratio
+    )
+  elif cfg.schedule == "linear":
+    main = optax.linear_schedule(cfg.lr, end, decay_steps)
+  elif cfg.schedule == "constant":
+    main = optax.constant_schedule(cfg.lr)
+  else:
+    raise ValueError(
+      f"config.optimizer.schedule: unknown {cfg.schedule!r}; "
+      "expected 'cosine', 'linear' or 'constant'"
+    )
+  if warmup == 0:
+    return main
+  ramp = optax.linear_schedule(0.0, cfg.lr, warmup)
+  return optax.join_schedules([ramp, main], [warmup])
+
+
+def decay_mask(params: Mapping, no_decay: str):
+  """True for leaves that get weight decay: not norms, biases (regex)."""
+  rx = re.compile(no_decay)
+  flat = flat_paths(params)
+  masked = {p: not rx.search(p) for p in flat}
+  from flax import traverse_util
+
+  return traverse_util.unflatten_dict(masked, sep="/")
+
+
+def make_optimizer(
+  cfg: ml_collections.ConfigDict, total_steps: int, trainable: Mapping
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Builds the optax chain named by `cfg.name` for the trainable subtree."""
+  schedule = make_schedule(cfg, total_steps)
+  mask = decay_mask(trainable, cfg.no_decay)
+  if cfg.name == "adamw":
+    core = optax.adamw(
+      schedule,
+      b1=cfg.b1,
+      b2=cfg.b2,
+      eps=cfg.eps,
+      weight_decay=cfg.weight_decay,
+      mask=mask,
+    )
+  elif cfg.name == "sgd":
+    core = optax.chain(
+      optax.add_decayed_weights(cfg.weight_decay, mask=mask),
+      optax.sgd(schedule, momentum=cfg.b1 or None),
+    )
+  elif cfg.name == "adafactor":
+    core = optax.adafactor(
+      schedule,
+      weight_decay_rate=cfg.weight_decay or None,
+      weight_decay_mask=mask,
+    )
+  else:
+    raise ValueError(
+      f"config.optimizer.name: unknown {cfg.name!r}; "
+      "expected 'adamw', 'sgd' or 'adafactor'"
+    )
+  parts = []
+  if cfg.grad_clip_norm and cfg.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
+  parts.append(core)
+  return optax.chain(*parts), schedule

@@ -1,0 +1,361 @@
+"""The one training loop every objective runs through.
+
+Read top to bottom: mesh -> data -> model -> abstract state -> shardings ->
+init/restore -> jit(step) -> loop (log, eval, checkpoint). Objectives plug in
+by name (`config.objective`); nothing here branches on which one it is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from jft import checkpoint, metrics, objectives, optim, sharding, steps
+from jft.data import pipeline, sources
+from jft.models import transformer
+from jft.state import TrainState, flat_paths, split_params
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN/inf loss; the run stops before saving it."""
+
+
+def resolve_model_config(config, tokenizer) -> transformer.TransformerConfig:
+  """Model config; an unset `vocab_size` follows the tokenizer.
+
+  Rounded up to a multiple of 64 so the vocab axis shards evenly. Runs that
+  load Hugging Face weights (`init='hf:...'`) keep the preset's vocabulary.
+  """
+  d = config.model.to_dict()
+  if d.get("vocab_size") is None and not config.init.startswith("hf:"):
+    d["vocab_size"] = -(-tokenizer.vocab_size // 64) * 64
+  cfg = transformer.config_from_dict(d)
+  if cfg.vocab_size < tokenizer.vocab_size:
+    raise ValueError(
+      f"config.model.vocab_size={cfg.vocab_size} is smaller than the "
+      f"tokenizer's vocabulary ({tokenizer.vocab_size})"
+    )
+  return cfg
+
+
+def make_apply_fn(model: nn.Module):
+  def apply_fn(
+    params, inputs, positions, segment_ids, *, rng=None, train=False, **kwargs
+  ):
+    rngs = {"dropout": rng} if (train and rng is not None) else {}
+    return model.apply(
+      {"params": params},
+      inputs,
+      positions,
+      segment_ids,
+      deterministic=not train,
+      rngs=rngs,
+      **kwargs,
+    )
+
+  return apply_fn
+
+
+def _tree_bytes(tree) -> int:
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def _tree_count(tree) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+
+def _shard_eval(batches: list[dict], pad_id: int) -> list[dict]:
+  """This process's eval batches, equal in count across processes."""
+  n, i = jax.process_count(), jax.process_index()
+  mine = batches[i::n]
+  total = -(-len(batches) // n)
+  while len(mine) < total:  # an all-padding batch contributes weight 0
+    pad = {k: np.zeros_like(v) for k, v in batches[0].items()}
+    pad["inputs"][:] = pad_id
+    pad["targets"][:] = pad_id
+    mine.append(pad)
+  return mine
+
+
+def init_params(config, model, model_cfg, mesh, rules):
+  """(params placed with their shardings, boxed abstract tree)."""
+  rng = jax.random.PRNGKey(config.seed)
+  dummy = jnp.zeros((1, 8), jnp.int32)
+
+  def init(r):
+    return model.init(r, dummy)["params"]
+
+  boxed = jax.eval_shape(init, rng)
+  shardings = sharding.param_shardings(boxed, mesh, rules)
+  if not config.init:
+    params = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
+    return params, shardings
+  if config.init.startswith("hf:"):
+    from jft.interop import hf
+
+    loaded = hf.load_params(config.init[3:], model_cfg)
+  else:
+    loaded = checkpoint.load_params(config.init, mesh)
+  expect = flat_paths(nn.unbox(boxed))
+  got = flat_paths(loaded)
+  missing = sorted(set(expect) - set(got))
+  if missing:
+    raise ValueError(
+      f"config.init={config.init!r} lacks parameters {missing[:8]}"
+      f"{' ...' if len(missing) > 8 else ''}"
+    )
+  for path, ref in expect.items():
+    if tuple(got[path].shape) != tuple(ref.shape):
+      raise ValueError(
+        f"config.init={config.init!r}: {path} has shape "
+        f"{tuple(got[path].shape)}, the model expects {tuple(ref.shape)}"
+      )
+  from flax import traverse_util
+
+  tree = traverse_util.unflatten_dict(
+    {p: np.asarray(got[p]).astype(expect[p].dtype) for p in expect}, sep="/"
+  )
+  params = jax.tree.map(jax.device_put, tree, shardings)
+  return params, shardings
+
+
+def run(
+  config, workdir: str, *, stop_after: int | None = None
+) -> dict[str, float]:
+  """Trains per `config` in `workdir`; returns the last logged metrics.
+
+  `stop_after=k` checkpoints and returns after step k, as a preempted job
+  would (tests and notebooks use it; a rerun resumes).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  primary = jax.process_index() == 0
+
+  # Mesh.
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config.mesh)
+
+  # Data.
+  objective_cls = objectives.get(config.objective)
+  train_spec, eval_spec = sources.data_files(
+    config, workdir, getattr(objective_cls, "builtin_split", "pretrain")
+  )
+  tokenizer = sources.load_tokenizer(config, workdir, train_spec)
+  objective = objective_cls(config, tokenizer)
+  train_examples = objective.make_examples(
+    pipeline.read_jsonl_files(train_spec, objective.fields)
+  )
+  n_proc = jax.process_count()
+  if config.batch_size % n_proc:
+    raise ValueError(
+      f"config.batch_size={config.batch_size} is not divisible by the "
+      f"{n_proc} processes"
+    )
+  train_iter = pipeline.make_train_iter(
+    train_examples,
+    seq_len=config.seq_len,
+    batch_size=config.batch_size // n_proc,
+    seed=config.seed,
+    pad_id=tokenizer.pad_id,
+    shuffle=config.data.shuffle,
+    num_epochs=config.data.num_epochs,
+    shard_index=jax.process_index(),
+    shard_count=n_proc,
+    packing=config.data.packing,
+  )
+  eval_batches = []
+  if eval_spec:
+    eval_examples = objective.make_examples(
+      pipeline.read_jsonl_files(eval_spec, objective.fields)
+    )
+    eval_batches = _shard_eval(
+      pipeline.make_eval_batches(
+        eval_examples,
+        seq_len=config.seq_len,
+        batch_size=config.eval_batch_size,
+        pad_id=tokenizer.pad_id,
+        packing=config.data.packing,
+      ),
+      tokenizer.pad_id,
+    )
+
+  # Model and parameters.
+  model_cfg = resolve_model_config(config, tokenizer)
+  model = transformer.Transformer(model_cfg)
+  if primary:
+    resolved = config.to_dict()
+    resolved["model"] = {"preset": config.model.preset, **vars(model_cfg)}
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(resolved, f, indent=2, default=str)
+    logging.info("model: %s", model_cfg)
+  params, _ = init_params(config, model, model_cfg, mesh, rules)
+  trainable, frozen = split_params(params, config.freeze)
+  del params
+  optimizer, schedule = optim.make_optimizer(
+    config.optimizer, config.total_steps, trainable
+  )
+  state = TrainState(
+    step=jnp.zeros((), jnp.int32),
+    trainable=trainable,
+    frozen=frozen,
+    opt_state=jax.jit(optimizer.init)(trainable),
+    rng=jax.random.PRNGKey(config.seed),
+  )
+  state = jax.device_put(
+    state,
+    jax.tree.map(
+      lambda x: (
+        x.sharding
+        if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)
+        else sharding.replicated(mesh)
+      ),
+      state,
+    ),
+  )
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  accounting = {
+    "params/trainable": _tree_count(state.trainable),
+    "params/frozen": _tree_count(state.frozen),
+    "params/trainable_bytes": _tree_bytes(state.trainable),
+    "params/frozen_bytes": _tree_bytes(state.frozen),
+  }
+  if primary:
+    labels = {p: "trainable" for p in flat_paths(state.trainable)}
+    labels.update({p: "frozen" for p in flat_paths(state.frozen)})
+    for p in sorted(labels):
+      logging.info("param %-40s %s", p, labels[p])
+    print("params: " + ", ".join(f"{k}={v:,}" for k, v in accounting.items()))
+
+  # Resume.
+  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+  writer = metrics.MetricWriter(workdir, enabled=primary)
+  start = ckpt.latest_step() or 0
+  if start >= config.total_steps:
+    if primary:
+      print(
+        f"{workdir}: already finished (step {start} of "
+        f"{config.total_steps}); nothing to do."
+      )
+    ckpt.close()
+    writer.close()
+    return {}
+  if start:
+    abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      state,
+    )
+    state = ckpt.restore(start, abstract, train_iter)
+    if primary:
+      metrics.truncate_jsonl(writer.path, start)
+      print(f"Resuming {workdir} from checkpoint at step {start}.")
+
+  # Compile.
+  apply_fn = make_apply_fn(model)
+  batch_shardings = sharding.batch_sharding(mesh)
+  p_train_step = jax.jit(
+    steps.make_train_step(
+      objective, apply_fn, optimizer, schedule, config.grad_accum_steps
+    ),
+    in_shardings=(state_shardings, batch_shardings),
+    out_shardings=(state_shardings, sharding.replicated(mesh)),
+    donate_argnums=(0,),
+  )
+  p_eval_step = jax.jit(
+    steps.make_eval_step(objective, apply_fn),
+    in_shardings=(
+      jax.tree.map(lambda x: x.sharding, state.params),
+      batch_shardings,
+    ),
+    out_shardings=sharding.replicated(mesh),
+  )
+
+  def evaluate(state) -> dict[str, float]:
+    if not eval_batches:
+      return {}
+    sums = None
+    params = state.params
+    for b in eval_batches:
+      out = p_eval_step(params, sharding.global_batch(b, mesh))
+      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    sums = jax.device_get(sums)
+    res = {
+      f"eval/{k}": float(s) / max(float(w), 1e-12) for k, (s, w) in sums.items()
+    }
+    res["eval/perplexity"] = math.exp(min(res["eval/loss"], 80.0))
+    res.update(objective.host_eval(apply_fn, params))
+    return res
+
+  def check_finite(step: int, m) -> None:
+    loss = float(m["train/loss"])
+    if not math.isfinite(loss):
+      ckpt.wait()
+      raise NonFiniteLossError(
+        f"train/loss is {loss} at step {step}; stopping. The last good "
+        f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}"
+      )
+
+  # Loop.
+  progress = metrics.Progress(config.total_steps, enabled=primary)
+  last = {}
+  if start == 0:
+    first = dict(accounting)
+    if config.eval_every:
+      first.update(evaluate(state))
+    writer.write(0, first)
+    if "eval/loss" in first and primary:
+      print(
+        f"step 0: eval/loss {first['eval/loss']:.4f} "
+        f"eval/perplexity {first['eval/perplexity']:.2f}"
+      )
+  tokens, t_last, pending = 0, time.time(), None
+  try:
+    for step in range(start, config.total_steps):
+      local = next(train_iter)
+      tokens += int(np.sum(local["weights"] > 0))
+      state, m = p_train_step(state, sharding.global_batch(local, mesh))
+      s = step + 1
+      if pending is not None:  # one step behind: keeps dispatch async
+        check_finite(*pending)
+      pending = (s, m)
+      out = {}
+      if s % config.log_every == 0 or s == config.total_steps:
+        check_finite(s, m)
+        now = time.time()
+        out.update(
+          {
+            k: float(v)
+            for k, v in jax.device_get(m).items()
+            if k != "train/weight"
+          }
+        )
+        out["train/tokens_per_s"] = tokens * n_proc / max(now - t_last, 1e-9)
+        tokens, t_last = 0, now
+        progress.update(s, out)
+      if config.eval_every and (
+        s % config.eval_every == 0 or s == config.total_steps
+      ):
+        ev = evaluate(state)
+        out.update(ev)
+        if ev and primary:
+          print("  ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+        t_last = time.time()  # eval time is not training throughput
+      stop = stop_after is not None and s >= stop_after
+      if s % config.checkpoint_every == 0 or s == config.total_steps or stop:
+        check_finite(s, m)
+        ckpt.save(s, state, train_iter)
+      if out:
+        writer.write(s, out)
+        last = out
+      if stop:
+        break
+  finally:
+    ckpt.close()
+    writer.close()
+  return last

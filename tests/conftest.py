@@ -1,0 +1,61 @@
+"""Test setup: 8 fake CPU devices, so sharding code runs as on a pod."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def suite_dir(tmp_path_factory):
+  """A small built-in task suite + tokenizer, shared by the whole session."""
+  from jft.data import tasks
+  from jft.data.tokenizer import train_tokenizer
+
+  d = tmp_path_factory.mktemp("suite")
+  paths = tasks.write_suite(str(d), n_train=300, n_eval=20, seed=0)
+  texts = []
+  with open(paths["pretrain_train"]) as f:
+    import json
+
+    texts = [json.loads(line)["text"] for line in f]
+  train_tokenizer(texts, output_path=str(d / "tok.model"), vocab_size=512)
+  return d
+
+
+def tiny_config(suite_dir, objective="clm", **overrides):
+  """Base config on the shared suite: tiny model, few steps, cheap to jit."""
+  from jft import config as base
+
+  c = base.base_config()
+  c.objective = objective
+  c.model.preset = "tiny"
+  c.model.d_model = 32
+  c.model.mlp_dim = 64
+  c.model.n_heads = 2
+  c.model.n_kv_heads = 1
+  c.total_steps = 6
+  c.batch_size = 8
+  c.eval_batch_size = 8
+  c.seq_len = 32
+  c.log_every = 1
+  c.eval_every = 3
+  c.checkpoint_every = 3
+  c.optimizer.warmup_steps = 2
+  c.data.tokenizer = str(suite_dir / "tok.model")
+  kind = {"clm": "pretrain", "sft": "sft", "dpo": "pref"}.get(
+    objective, "pretrain"
+  )
+  c.data.train_files = str(suite_dir / f"{kind}_train.jsonl")
+  c.data.eval_files = str(suite_dir / f"{kind}_eval.jsonl")
+  for k, v in overrides.items():
+    node = c
+    *head, last = k.split(".")
+    for h in head:
+      node = node[h]
+    node[last] = v
+  return c

@@ -1,0 +1,220 @@
+"""The trainer: accumulation, resume, config errors, non-finite loss, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+from conftest import tiny_config
+from ml_collections import config_flags
+
+from jft import checkpoint, optim, steps, train
+from jft.data.tokenizer import Tokenizer
+from jft.models import transformer
+from jft.objectives.clm import CLM
+from jft.state import TrainState, split_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _train_losses(workdir):
+  return {
+    r["step"]: r["train/loss"] for r in _metrics(workdir) if "train/loss" in r
+  }
+
+
+def test_grad_accumulation_equals_one_big_batch(suite_dir):
+  config = tiny_config(suite_dir)
+  tok = Tokenizer.load(config.data.tokenizer)
+  model_cfg = train.resolve_model_config(config, tok)
+  model = transformer.Transformer(model_cfg)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+  trainable, frozen = split_params(
+    jax.tree.map(lambda x: x, __import__("flax").linen.unbox(params["params"])),
+    config.freeze,
+  )
+  opt, sched = optim.make_optimizer(config.optimizer, 10, trainable)
+  state = TrainState(
+    step=jnp.zeros((), jnp.int32),
+    trainable=trainable,
+    frozen=frozen,
+    opt_state=opt.init(trainable),
+    rng=jax.random.PRNGKey(1),
+  )
+  rng = np.random.default_rng(0)
+  b, t = 4, 16
+  weights = np.zeros((b, t), np.float32)
+  for i, n in enumerate([16, 3, 9, 1]):  # very unequal token counts
+    weights[i, :n] = 1
+  batch = {
+    "inputs": rng.integers(5, 300, (b, t)).astype(np.int32),
+    "targets": rng.integers(5, 300, (b, t)).astype(np.int32),
+    "weights": weights,
+    "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+    "segment_ids": np.ones((b, t), np.int32),
+  }
+  apply_fn = train.make_apply_fn(model)
+  obj = CLM(config, tok)
+  one = jax.jit(steps.make_train_step(obj, apply_fn, opt, sched, 1))
+  two = jax.jit(steps.make_train_step(obj, apply_fn, opt, sched, 2))
+  s1, m1 = one(state, batch)
+  s2, m2 = two(state, batch)
+  np.testing.assert_allclose(m1["train/loss"], m2["train/loss"], rtol=1e-5)
+  np.testing.assert_allclose(
+    m1["train/grad_norm"], m2["train/grad_norm"], rtol=1e-4
+  )
+  chex.assert_trees_all_close(s1.trainable, s2.trainable, atol=1e-6)
+  # And the loss is the token-weighted mean, by hand from the logits.
+  logits = apply_fn(
+    state.params, batch["inputs"], batch["positions"], batch["segment_ids"]
+  )
+  logp = jax.nn.log_softmax(np.asarray(logits, np.float64), -1)
+  nll = -np.take_along_axis(np.asarray(logp), batch["targets"][..., None], -1)
+  expect = (nll[..., 0] * weights).sum() / weights.sum()
+  np.testing.assert_allclose(m1["train/loss"], expect, rtol=1e-5)
+
+
+def test_split_microbatches_is_strided():
+  x = np.arange(8)[:, None] * np.ones((1, 3))
+  mb = steps.split_microbatches({"x": x}, 2)["x"]
+  np.testing.assert_array_equal(mb[0][:, 0], [0, 2, 4, 6])
+  np.testing.assert_array_equal(mb[1][:, 0], [1, 3, 5, 7])
+  with pytest.raises(ValueError, match="grad_accum_steps=3"):
+    steps.split_microbatches({"x": x}, 3)
+
+
+def test_stop_and_resume_equals_uninterrupted(suite_dir, tmp_path, capsys):
+  config = tiny_config(suite_dir, total_steps=6, checkpoint_every=2)
+  whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+  train.run(config, whole)
+  train.run(config, parts, stop_after=3)  # preempted after step 3
+  assert checkpoint.Checkpointer(parts).latest_step() == 3
+  capsys.readouterr()
+  train.run(config, parts)
+  assert "Resuming" in capsys.readouterr().out
+  a, b = _train_losses(whole), _train_losses(parts)
+  assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+  for s in a:
+    np.testing.assert_allclose(a[s], b[s], rtol=1e-6, err_msg=f"step {s}")
+  # Step-0 accounting logged once, and finished runs say so.
+  rows = _metrics(parts)
+  assert sum("params/trainable" in r for r in rows) == 1
+  train.run(config, parts)
+  assert "already finished" in capsys.readouterr().out
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
+  suite_dir, tmp_path
+):
+  config = tiny_config(
+    suite_dir, total_steps=30, checkpoint_every=1, eval_every=0, log_every=5
+  )
+  config.optimizer.name = "sgd"  # plain SGD at 1e30 overflows to inf/NaN
+  config.optimizer.lr = 1e30
+  config.optimizer.schedule = "constant"
+  config.optimizer.warmup_steps = 0
+  config.optimizer.grad_clip_norm = 0.0
+  config.optimizer.weight_decay = 0.0
+  workdir = str(tmp_path / "nan")
+  with pytest.raises(train.NonFiniteLossError, match=r"at step (\d+)") as e:
+    train.run(config, workdir)
+  bad = int(__import__("re").search(r"at step (\d+)", str(e.value)).group(1))
+  ckpt = checkpoint.Checkpointer(workdir)
+  good = ckpt.latest_step()
+  assert good is not None and good < bad
+  assert f"checkpoint is step {good}" in str(e.value)
+  params = checkpoint.load_params(
+    workdir, train.sharding.make_mesh(config.mesh)
+  )
+  for leaf in jax.tree.leaves(params):
+    assert np.all(np.isfinite(leaf))
+
+
+def test_bad_data_names_file_and_line(suite_dir, tmp_path):
+  path = tmp_path / "bad.jsonl"
+  path.write_text('{"text": "a b"}\n{"txt": "oops"}\n')
+  config = tiny_config(suite_dir, **{"data.train_files": str(path)})
+  with pytest.raises(ValueError, match=rf"{path}:2:.*text"):
+    train.run(config, str(tmp_path / "w"))
+
+
+def _parse(argv):
+  fv = flags.FlagValues()
+  args = ["prog", f"--config={ROOT}/configs/pretrain_clm.py", *argv]
+  config_flags.DEFINE_config_file(
+    "config", None, "", flag_values=fv, lock_config=True, sys_argv=args
+  )
+  fv(args)
+  return fv.config
+
+
+def test_config_overrides_and_errors():
+  c = _parse(
+    [
+      "--config.total_steps=7",
+      "--config.optimizer.lr=0.5",
+      "--config.model.d_model=48",
+    ]
+  )
+  assert (c.total_steps, c.optimizer.lr, c.model.d_model) == (7, 0.5, 48)
+  with pytest.raises(Exception, match="totl_steps"):
+    _parse(["--config.totl_steps=7"])
+  with pytest.raises(Exception, match="total_steps"):
+    _parse(["--config.total_steps=many"])
+  with pytest.raises(AttributeError, match="no_such"):
+    c.no_such = 1
+
+
+def test_unmatched_freeze_rule_lists_paths(suite_dir, tmp_path):
+  config = tiny_config(suite_dir, freeze=((r"embed/.*", "trainable"),))
+  with pytest.raises(ValueError, match="lm_head/kernel"):
+    train.run(config, str(tmp_path / "w"))
+
+
+def test_cli_default_config_runs_end_to_end(tmp_path):
+  """The real CLI on the default config (shortened), then 'finished' rerun."""
+  workdir = str(tmp_path / "cli")
+  cmd = [
+    sys.executable,
+    "-m",
+    "jft.main",
+    f"--config={ROOT}/configs/pretrain_clm.py",
+    f"--workdir={workdir}",
+    "--config.total_steps=4",
+    "--config.eval_every=2",
+    "--config.log_every=2",
+    "--config.data.builtin.n_train=200",
+    "--config.data.builtin.n_eval=10",
+  ]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run(
+    cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = _metrics(workdir)
+  assert rows[0]["step"] == 0 and rows[0]["params/trainable"] > 0
+  assert {
+    "train/loss",
+    "train/lr",
+    "train/grad_norm",
+    "train/tokens_per_s",
+    "eval/loss",
+    "eval/perplexity",
+  } <= set(rows[-1])
+  for name in ("config.json", "tokenizer.model", "tb", "checkpoints"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  again = subprocess.run(
+    cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600
+  )
+  assert again.returncode == 0 and "already finished" in again.stdout
