@@ -63,8 +63,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.eval_batch_size = 32
   # Where weights come from: '' = random init; a jft workdir = its latest
-  # checkpoint (its tokenizer too); 'hf:DIR' = Hugging Face safetensors.
+  # checkpoint (its tokenizer too); 'hf:DIR' = Hugging Face safetensors;
+  # 'run:configs/X.py[:ARG]' = the result of that config's run, trained once
+  # and cached under `stage_cache` (how sft.py starts from pretraining).
   c.init = ""
+  c.stage_cache = ""  # '' = $JFT_CACHE or ~/.cache/jft
 
   c.model = model_config("tiny")
 
@@ -79,6 +82,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.packing = True
   c.data.builtin = ml_collections.ConfigDict(
     dict(tasks="add,copy,reverse,sort", n_train=20000, n_eval=200, seed=0)
+  )
+
+  # Supervised fine-tuning on {"prompt","completion"} or {"messages"} rows.
+  c.sft = ml_collections.ConfigDict(
+    dict(
+      # Rows longer than seq_len + 1 tokens: 'truncate_prompt' (drop prompt
+      # tokens from the left) or 'skip'; both are counted and reported.
+      truncation="truncate_prompt",
+      # Chat template as data: (role, prefix, suffix) rows. Assistant content
+      # (plus eos) is trained; everything else is prompt. A JSON file with
+      # {"roles": [[role, prefix, suffix], ...]} may replace it.
+      chat_template=(
+        ("system", "<|system|>\n", "\n"),
+        ("user", "<|user|>\n", "\n"),
+        ("assistant", "<|assistant|>\n", "\n"),
+      ),
+      template_file="",
+      # Greedy generations on held-out prompts for eval/task_accuracy.
+      max_eval_generations=400,
+      max_new_tokens=16,
+    )
   )
 
   c.optimizer = ml_collections.ConfigDict(
@@ -100,7 +124,38 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Ordered (regex, label) table over parameter paths; first full match
   # wins and every leaf must match. Labels: 'trainable' | 'frozen'.
-  c.freeze = ((".*", "trainable"),)
+  # Empty = automatic: only LoRA adapters train when lora.rank > 0, else all.
+  c.freeze = ()
+
+  # LoRA adapters on the Linear layers whose module path matches `targets`
+  # (an alias: all-linear | attention | mlp | qv, or a regex such as
+  # `layers/attn/(q|v)`); rank 0 = off. Scale alpha/rank (rslora: /sqrt).
+  c.lora = ml_collections.ConfigDict(
+    dict(
+      rank=0,
+      alpha=16.0,
+      dropout=0.0,
+      rslora=False,
+      targets="all-linear",
+      save_adapters=True,  # WORKDIR/adapters: PEFT-format adapters alone
+      save_merged=False,  # WORKDIR/merged: HF safetensors, adapters merged
+    )
+  )
+  # QLoRA: a frozen base with 4-bit kernels. kind '' = off, 'int4' | 'nf4';
+  # `table` is an ordered (regex over param paths, 'quantize' | 'float')
+  # table; embeddings and norms stay float by default.
+  c.quant = ml_collections.ConfigDict(
+    dict(
+      kind="",
+      block_size=64,
+      double_quant=False,
+      table=(
+        (r"layers(_\d+)?/(attn|mlp)/\w+/kernel", "quantize"),
+        (r"lm_head/kernel", "quantize"),
+        (r".*", "float"),
+      ),
+    )
+  )
 
   c.mesh = ml_collections.ConfigDict(
     dict(data=1, fsdp=-1, tensor=1, rules=DEFAULT_RULES)

@@ -17,11 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax import traverse_util
 
-from jft import checkpoint, metrics, objectives, optim, sharding, steps
+from jft import checkpoint, metrics, objectives, optim, sharding, stages, steps
 from jft.data import pipeline, sources
 from jft.models import transformer
-from jft.state import TrainState, flat_paths, split_params
+from jft.peft import lora, quant
+from jft.state import TrainState, flat_paths, merge_params, split_params
 
 
 class NonFiniteLossError(RuntimeError):
@@ -29,14 +31,40 @@ class NonFiniteLossError(RuntimeError):
 
 
 def resolve_model_config(config, tokenizer) -> transformer.TransformerConfig:
-  """Model config; an unset `vocab_size` follows the tokenizer.
+  """Model config from `config.model`, `config.lora` and `config.quant`.
 
-  Rounded up to a multiple of 64 so the vocab axis shards evenly. Runs that
-  load Hugging Face weights (`init='hf:...'`) keep the preset's vocabulary.
+  An unset `vocab_size` follows the tokenizer, rounded up to a multiple of
+  64 so the vocab axis shards evenly; runs that load Hugging Face weights
+  (`init='hf:...'`) keep the preset's vocabulary.
   """
   d = config.model.to_dict()
+  if config.init.startswith("hf:") and not d.get("preset"):
+    from jft.interop import hf
+
+    d = hf.model_config_dict(config.init[3:], d)  # shape from config.json
   if d.get("vocab_size") is None and not config.init.startswith("hf:"):
     d["vocab_size"] = -(-tokenizer.vocab_size // 64) * 64
+  lo, qu = config.lora, config.quant
+  if lo.rank > 0:
+    d.update(
+      lora_rank=lo.rank,
+      lora_alpha=lo.alpha,
+      lora_dropout=lo.dropout,
+      lora_rslora=lo.rslora,
+      lora_targets=lora.resolve_targets(lo.targets),
+    )
+  if qu.kind:
+    if qu.kind not in quant.KINDS:
+      raise ValueError(
+        f"config.quant.kind: unknown {qu.kind!r}; expected '' or one of "
+        f"{quant.KINDS}"
+      )
+    d.update(
+      quant_kind=qu.kind,
+      quant_table=tuple(tuple(r) for r in qu.table),
+      quant_block_size=qu.block_size,
+      quant_double=qu.double_quant,
+    )
   cfg = transformer.config_from_dict(d)
   if cfg.vocab_size < tokenizer.vocab_size:
     raise ValueError(
@@ -44,6 +72,15 @@ def resolve_model_config(config, tokenizer) -> transformer.TransformerConfig:
       f"tokenizer's vocabulary ({tokenizer.vocab_size})"
     )
   return cfg
+
+
+def freeze_table(config):
+  """`config.freeze`, or the automatic table when it is empty."""
+  if config.freeze:
+    return tuple(tuple(r) for r in config.freeze)
+  if config.lora.rank > 0:
+    return lora.ADAPTER_FREEZE
+  return ((".*", "trainable"),)
 
 
 def make_apply_fn(model: nn.Module):
@@ -85,46 +122,95 @@ def _shard_eval(batches: list[dict], pad_id: int) -> list[dict]:
   return mine
 
 
-def init_params(config, model, model_cfg, mesh, rules):
-  """(params placed with their shardings, boxed abstract tree)."""
-  rng = jax.random.PRNGKey(config.seed)
-  dummy = jnp.zeros((1, 8), jnp.int32)
-
-  def init(r):
-    return model.init(r, dummy)["params"]
-
-  boxed = jax.eval_shape(init, rng)
-  shardings = sharding.param_shardings(boxed, mesh, rules)
-  if not config.init:
-    params = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
-    return params, shardings
-  if config.init.startswith("hf:"):
+def _load_init(config, base_cfg, mesh) -> dict:
+  """Float base params from `config.init` (adapters merged, 4-bit undone)."""
+  init = config.init
+  if init.startswith("hf:"):
     from jft.interop import hf
 
-    loaded = hf.load_params(config.init[3:], model_cfg)
-  else:
-    loaded = checkpoint.load_params(config.init, mesh)
-  expect = flat_paths(nn.unbox(boxed))
-  got = flat_paths(loaded)
-  missing = sorted(set(expect) - set(got))
-  if missing:
-    raise ValueError(
-      f"config.init={config.init!r} lacks parameters {missing[:8]}"
-      f"{' ...' if len(missing) > 8 else ''}"
-    )
-  for path, ref in expect.items():
-    if tuple(got[path].shape) != tuple(ref.shape):
-      raise ValueError(
-        f"config.init={config.init!r}: {path} has shape "
-        f"{tuple(got[path].shape)}, the model expects {tuple(ref.shape)}"
-      )
-  from flax import traverse_util
+    return hf.load_params(init[3:], base_cfg)
+  params = checkpoint.load_params(init, mesh)
+  with open(os.path.join(init, "config.json")) as f:
+    saved = transformer.config_from_dict(json.load(f)["model"])
+  if saved.lora_rank or saved.quant_kind:
+    params = jax.tree.map(np.asarray, lora.merge(params, saved))
+  return params
 
-  tree = traverse_util.unflatten_dict(
-    {p: np.asarray(got[p]).astype(expect[p].dtype) for p in expect}, sep="/"
+
+def _check_tree(params, boxed, what: str) -> None:
+  """Same paths, shapes and dtypes as the model expects, or a named error."""
+  expect = flat_paths(nn.unbox(boxed))
+  got = flat_paths(params)
+  missing, extra = (
+    sorted(set(expect) - set(got)),
+    sorted(set(got) - set(expect)),
   )
-  params = jax.tree.map(jax.device_put, tree, shardings)
-  return params, shardings
+  if missing or extra:
+    raise ValueError(f"{what}: missing parameters {missing}, extra {extra}")
+  for p, ref in expect.items():
+    if tuple(got[p].shape) != tuple(ref.shape):
+      raise ValueError(
+        f"{what}: {p} has shape {tuple(got[p].shape)}, the model expects "
+        f"{tuple(ref.shape)}"
+      )
+
+
+def init_params(config, model_cfg, mesh, rules) -> dict:
+  """Parameters placed with their shardings.
+
+  A float base (random, or from `config.init`) is built first; then 4-bit
+  kernels are made from it and fresh LoRA adapters added, so QLoRA always
+  quantizes real weights and every technique starts from the same base.
+  """
+  rng = jax.random.PRNGKey(config.seed)
+  dummy = jnp.zeros((1, 8), jnp.int32)
+  full, base = (
+    transformer.Transformer(model_cfg),
+    transformer.Transformer(lora.base_config(model_cfg)),
+  )
+  boxed_full = jax.eval_shape(lambda r: full.init(r, dummy)["params"], rng)
+  boxed_base = jax.eval_shape(lambda r: base.init(r, dummy)["params"], rng)
+  shard_full = flat_paths(sharding.param_shardings(boxed_full, mesh, rules))
+  shard_base = sharding.param_shardings(boxed_base, mesh, rules)
+
+  if not config.init:
+    params = jax.jit(
+      lambda r: nn.unbox(base.init(r, dummy)["params"]),
+      out_shardings=shard_base,
+    )(rng)
+  else:
+    loaded = _load_init(config, lora.base_config(model_cfg), mesh)
+    _check_tree(loaded, boxed_base, f"config.init={config.init!r}")
+    dtypes = jax.tree.map(lambda x: x.dtype, nn.unbox(boxed_base))
+    params = jax.tree.map(
+      lambda x, dt, s: jax.device_put(np.asarray(x).astype(dt), s),
+      loaded,
+      dtypes,
+      shard_base,
+    )
+  if model_cfg.quant_kind:
+    kernels = set(lora.check_quant_table(model_cfg.quant_table, params))
+    out_sh = {p: s for p, s in shard_full.items() if "/lora_" not in p}
+    params = jax.jit(
+      lambda p: quant.quantize_params(
+        p,
+        kernels,
+        kind=model_cfg.quant_kind,
+        block_size=model_cfg.quant_block_size,
+        double_quant=model_cfg.quant_double,
+      ),
+      out_shardings=traverse_util.unflatten_dict(out_sh, sep="/"),
+    )(params)
+  if model_cfg.lora_rank:
+    lora.check_targets(model_cfg.lora_targets, params)
+    ad_sh = {p: s for p, s in shard_full.items() if "/lora_" in p}
+    adapters = jax.jit(
+      lambda r: lora.adapters(nn.unbox(full.init(r, dummy)["params"])),
+      out_shardings=traverse_util.unflatten_dict(ad_sh, sep="/"),
+    )(jax.random.fold_in(rng, 1))
+    params = merge_params(params, adapters)
+  _check_tree(params, boxed_full, "model parameters")
+  return params
 
 
 def run(
@@ -137,6 +223,10 @@ def run(
   """
   os.makedirs(workdir, exist_ok=True)
   primary = jax.process_index() == 0
+  if config.init.startswith("run:"):  # train (or reuse) the earlier stage
+    stage_dir = stages.ensure_stage(config.init[4:], config)
+    config = config.copy_and_resolve_references()
+    config.init = stage_dir
 
   # Mesh.
   mesh = sharding.make_mesh(config.mesh)
@@ -172,9 +262,9 @@ def run(
   )
   eval_batches = []
   if eval_spec:
-    eval_examples = objective.make_examples(
-      pipeline.read_jsonl_files(eval_spec, objective.fields)
-    )
+    eval_records = pipeline.read_jsonl_files(eval_spec, objective.fields)
+    eval_examples = objective.make_examples(eval_records, split="eval")
+    objective.eval_setup(eval_records)
     eval_batches = _shard_eval(
       pipeline.make_eval_batches(
         eval_examples,
@@ -195,8 +285,13 @@ def run(
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(resolved, f, indent=2, default=str)
     logging.info("model: %s", model_cfg)
-  params, _ = init_params(config, model, model_cfg, mesh, rules)
-  trainable, frozen = split_params(params, config.freeze)
+  params = init_params(config, model_cfg, mesh, rules)
+  trainable, frozen = split_params(params, freeze_table(config))
+  for path, leaf in flat_paths(trainable).items():
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+      raise ValueError(
+        f"config.freeze: {path} ({leaf.dtype}) cannot be trained; freeze it"
+      )
   del params
   optimizer, schedule = optim.make_optimizer(
     config.optimizer, config.total_steps, trainable
@@ -306,13 +401,16 @@ def run(
   last = {}
   if start == 0:
     first = dict(accounting)
+    first.update(getattr(objective, "data_stats", {}))
     if config.eval_every:
       first.update(evaluate(state))
     writer.write(0, first)
     if "eval/loss" in first and primary:
       print(
-        f"step 0: eval/loss {first['eval/loss']:.4f} "
-        f"eval/perplexity {first['eval/perplexity']:.2f}"
+        "step 0: "
+        + "  ".join(
+          f"{k} {v:.4f}" for k, v in first.items() if k.startswith("eval/")
+        )
       )
   tokens, t_last, pending = 0, time.time(), None
   try:
@@ -358,4 +456,21 @@ def run(
   finally:
     ckpt.close()
     writer.close()
+  if primary:
+    export(config, workdir, state, model_cfg)
   return last
+
+
+def export(config, workdir: str, state, model_cfg) -> None:
+  """End-of-run artefacts: LoRA adapters alone and/or the merged model."""
+  params = jax.device_get(state.params)
+  if model_cfg.lora_rank and config.lora.save_adapters:
+    lora.save_adapters(os.path.join(workdir, "adapters"), params, model_cfg)
+    print(f"adapters: {os.path.join(workdir, 'adapters')}")
+  if model_cfg.lora_rank and config.lora.save_merged:
+    from jft.interop import hf
+
+    merged = lora.merge(params, model_cfg)
+    out = os.path.join(workdir, "merged")
+    hf.save_params(out, merged, lora.base_config(model_cfg))
+    print(f"merged model: {out}")

@@ -42,7 +42,7 @@ def test_grad_accumulation_equals_one_big_batch(suite_dir):
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
   trainable, frozen = split_params(
     jax.tree.map(lambda x: x, __import__("flax").linen.unbox(params["params"])),
-    config.freeze,
+    train.freeze_table(config),
   )
   opt, sched = optim.make_optimizer(config.optimizer, 10, trainable)
   state = TrainState(

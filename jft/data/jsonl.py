@@ -20,6 +20,16 @@ class DataError(ValueError):
   """A data file is missing or malformed; the message says where."""
 
 
+class Record(dict):
+  """A JSONL record that remembers `where` it came from ('path:line').
+
+  Still a plain dict for every other purpose; objectives use `where` to name
+  the file and line when a field's content is wrong.
+  """
+
+  where: str = "?"
+
+
 def read_jsonl(path: str, required: Sequence[str] = ()) -> list[dict]:
   """Reads one JSONL file into a list of dicts; blank lines are skipped.
 
@@ -56,6 +66,8 @@ def read_jsonl(path: str, required: Sequence[str] = ()) -> list[dict]:
           )
         if not value:
           raise DataError(f"{where}: field {field!r} is empty")
+      record = Record(record)
+      record.where = where
       records.append(record)
   if not records:
     raise DataError(f"{path}: no records (file is empty)")

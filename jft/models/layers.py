@@ -9,16 +9,68 @@ stddev 0.02, as Hugging Face's `initializer_range`; biases are zeros and norm
 scales ones. Every param carries logical axis names for sharding.
 """
 
+import dataclasses
+import re
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jft.peft import quant
+
 Dtype = Any
 
 INIT_STDDEV = 0.02
 default_init = nn.initializers.normal(stddev=INIT_STDDEV)
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftOptions:
+  """LoRA / 4-bit options; each Linear matches its own path against them."""
+
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_rslora: bool = False
+  lora_targets: str = ""  # regex over module paths, e.g. `layers/attn/q`
+  quant_kind: str = ""  # '' | 'int4' | 'nf4'
+  quant_table: tuple = ()  # ((regex over kernel path, 'quantize'|'float'),)
+  quant_block_size: int = 64
+  quant_double: bool = False
+
+  def lora_on(self, path: str) -> bool:
+    return self.lora_rank > 0 and bool(re.fullmatch(self.lora_targets, path))
+
+  def quantized(self, kernel_path: str) -> bool:
+    if not self.quant_kind:
+      return False
+    for rx, label in self.quant_table:
+      if re.fullmatch(rx, kernel_path):
+        return label == "quantize"
+    return False
+
+  @property
+  def lora_scale(self) -> float:
+    """alpha / r, or alpha / sqrt(r) for rsLoRA (Kalajdzievskas 2023)."""
+    r = self.lora_rank
+    return self.lora_alpha / (r**0.5 if self.lora_rslora else r)
+
+
+# Axes of the 4-bit leaves: the packed codes shard like the kernel; scales are
+# few along K (K / block_size rows), so only their out axis is sharded.
+def _quant_axes(kernel_axes):
+  return {
+    "packed": kernel_axes,
+    "scale": (None, kernel_axes[1]),
+    "scale_codes": (None, kernel_axes[1]),
+    "scale_scale": (None,),
+    "scale_offset": (),
+  }
+
+
+# PEFT's default A init (kaiming-uniform, a=sqrt(5)): U(-1/sqrt(in), ..).
+lora_a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
 class Linear(nn.Module):
@@ -41,20 +93,73 @@ class Linear(nn.Module):
   param_dtype: Dtype = jnp.float32
   out_dtype: Dtype | None = None
   kernel_init: Any = default_init
+  peft: PeftOptions = PeftOptions()
+  deterministic: bool = True
 
   def _kernel(self, in_features: int) -> jax.Array:
-    """Returns the float kernel [in, out]; the seam for LoRA / quantization."""
-    return self.param(
-      "kernel",
-      nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+    """The kernel [in, out] in the compute dtype: float, or 4-bit dequantized.
+
+    A 4-bit kernel is stored as `kernel_packed` (uint8, two codes a byte) plus
+    `kernel_scale*` leaves and dequantized here, inside the jitted step, so
+    XLA fuses it into the matmul. Its init is zeros: real values come from
+    quantizing a float base (`jft.peft.quant.quantize_params`).
+    """
+    p = self.peft
+    path = "/".join(self.path)
+    if not p.quantized(f"{path}/kernel"):
+      kernel = self.param(
+        "kernel",
+        nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+        (in_features, self.features),
+        self.param_dtype,
+      )
+      return kernel.astype(self.dtype)
+    shapes = quant.quantized_shapes(
       (in_features, self.features),
-      self.param_dtype,
+      block_size=p.quant_block_size,
+      double_quant=p.quant_double,
     )
+    axes = _quant_axes(self.kernel_axes)
+    q = {
+      name: self.param(
+        f"kernel_{name}",
+        nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[name]),
+        shape,
+        dtype,
+      )
+      for name, (shape, dtype) in shapes.items()
+    }
+    return quant.dequantize(
+      q, kind=p.quant_kind, block_size=p.quant_block_size, dtype=self.dtype
+    )
+
+  def _lora(self, x: jax.Array, out_dtype) -> jax.Array:
+    """scale * dropout(x) @ A @ B, adapters kept in float32."""
+    p = self.peft
+    a = self.param(
+      "lora_a",
+      nn.with_logical_partitioning(lora_a_init, (self.kernel_axes[0], None)),
+      (x.shape[-1], p.lora_rank),
+      jnp.float32,
+    )  # [in, r]
+    b = self.param(
+      "lora_b",
+      nn.with_logical_partitioning(
+        nn.initializers.zeros_init(), (None, self.kernel_axes[1])
+      ),
+      (p.lora_rank, self.features),
+      jnp.float32,
+    )  # [r, out]
+    if p.lora_dropout > 0:
+      x = nn.Dropout(p.lora_dropout)(x, deterministic=self.deterministic)
+    h = x.astype(self.dtype) @ a.astype(self.dtype)  # [..., r]
+    y = h @ b.astype(self.dtype)  # [..., out]
+    return (p.lora_scale * y).astype(out_dtype)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     out_dtype = self.out_dtype or self.dtype
-    kernel = self._kernel(x.shape[-1]).astype(self.dtype)  # [in, out]
+    kernel = self._kernel(x.shape[-1])  # [in, out]
     y = jax.lax.dot_general(
       x.astype(self.dtype),
       kernel,
@@ -71,6 +176,8 @@ class Linear(nn.Module):
         self.param_dtype,
       )
       y = y + bias.astype(out_dtype)
+    if self.peft.lora_on("/".join(self.path)):
+      y = y + self._lora(x, out_dtype)
     return y.astype(out_dtype)
 
 

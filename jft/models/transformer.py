@@ -61,6 +61,19 @@ class TransformerConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True
   remat: str = "none"
+  # PEFT (see jft/peft): LoRA adapters on the Linear layers whose module path
+  # (e.g. `layers/attn/q`) fully matches `lora_targets`; 4-bit frozen kernels
+  # where the first `(regex, 'quantize'|'float')` row of `quant_table` that
+  # matches the kernel path (e.g. `layers/attn/q/kernel`) says 'quantize'.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_rslora: bool = False
+  lora_targets: str = ""
+  quant_kind: str = ""  # '' | 'int4' | 'nf4'
+  quant_table: tuple = ()
+  quant_block_size: int = 64
+  quant_double: bool = False
 
   def __post_init__(self):
     for name in (
@@ -144,14 +157,39 @@ def config_from_dict(d: Mapping[str, Any]) -> TransformerConfig:
   return TransformerConfig(**kwargs)
 
 
-def _linear(cfg: TransformerConfig, features, axes, name, use_bias=False):
+def peft_options(cfg: TransformerConfig) -> layers.PeftOptions:
+  return layers.PeftOptions(
+    lora_rank=cfg.lora_rank,
+    lora_alpha=cfg.lora_alpha,
+    lora_dropout=cfg.lora_dropout,
+    lora_rslora=cfg.lora_rslora,
+    lora_targets=cfg.lora_targets,
+    quant_kind=cfg.quant_kind,
+    quant_table=tuple(tuple(r) for r in cfg.quant_table),
+    quant_block_size=cfg.quant_block_size,
+    quant_double=cfg.quant_double,
+  )
+
+
+def _linear(
+  cfg: TransformerConfig,
+  features,
+  axes,
+  name,
+  use_bias=False,
+  deterministic=True,
+  **kw,
+):
   return layers.Linear(
     features,
     axes,
     use_bias=use_bias,
     dtype=cfg.compute_dtype,
     param_dtype=cfg.weight_dtype,
+    peft=peft_options(cfg),
+    deterministic=deterministic,
     name=name,
+    **kw,
   )
 
 
@@ -172,16 +210,18 @@ class Attention(nn.Module):
   """Grouped-query self-attention with RoPE; softmax in float32."""
 
   config: TransformerConfig
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x, positions, segment_ids):
     cfg = self.config
     b, t, _ = x.shape
     h, kv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    bias = cfg.qkv_bias
-    q = _linear(cfg, h * dh, ("embed", "heads"), "q", bias)(x)  # [B, T, H*Dh]
-    k = _linear(cfg, kv * dh, ("embed", "kv"), "k", bias)(x)  # [B, T, KV*Dh]
-    v = _linear(cfg, kv * dh, ("embed", "kv"), "v", bias)(x)  # [B, T, KV*Dh]
+    bias, det = cfg.qkv_bias, self.deterministic
+    q = _linear(cfg, h * dh, ("embed", "heads"), "q", bias, det)(x)
+    k = _linear(cfg, kv * dh, ("embed", "kv"), "k", bias, det)(x)
+    v = _linear(cfg, kv * dh, ("embed", "kv"), "v", bias, det)(x)
+    # q [B, T, H*Dh]; k, v [B, T, KV*Dh]
     q = q.reshape(b, t, h, dh)
     k = k.reshape(b, t, kv, dh)
     v = v.reshape(b, t, kv, dh)
@@ -202,38 +242,42 @@ class Attention(nn.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [B, T, KV, G, Dh]
     out = out.reshape(b, t, h * dh)  # [B, T, H*Dh]
-    return _linear(cfg, cfg.d_model, ("heads", "embed"), "o")(out)
+    return _linear(cfg, cfg.d_model, ("heads", "embed"), "o", False, det)(out)
 
 
 class Mlp(nn.Module):
   """SwiGLU: down(silu(gate(x)) * up(x))."""
 
   config: TransformerConfig
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x):
-    cfg = self.config
-    gate = _linear(cfg, cfg.mlp_dim, ("embed", "mlp"), "gate")(x)  # [B, T, F]
-    up = _linear(cfg, cfg.mlp_dim, ("embed", "mlp"), "up")(x)  # [B, T, F]
-    hidden = nn.silu(gate) * up
-    return _linear(cfg, cfg.d_model, ("mlp", "embed"), "down")(hidden)
+    cfg, det = self.config, self.deterministic
+    gate = _linear(cfg, cfg.mlp_dim, ("embed", "mlp"), "gate", False, det)(x)
+    up = _linear(cfg, cfg.mlp_dim, ("embed", "mlp"), "up", False, det)(x)
+    hidden = nn.silu(gate) * up  # [B, T, F]
+    return _linear(cfg, cfg.d_model, ("mlp", "embed"), "down", False, det)(
+      hidden
+    )
 
 
 class Block(nn.Module):
   """Pre-norm residual block; `(x, None)` output so it can be scanned."""
 
   config: TransformerConfig
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x, positions, segment_ids):
-    cfg = self.config
+    cfg, det = self.config, self.deterministic
     norm = lambda name: layers.RMSNorm(
       cfg.norm_eps, cfg.compute_dtype, cfg.weight_dtype, name=name
     )
     h = norm("attn_norm")(x)
-    x = x + Attention(cfg, name="attn")(h, positions, segment_ids)
+    x = x + Attention(cfg, det, name="attn")(h, positions, segment_ids)
     h = norm("mlp_norm")(x)
-    x = x + Mlp(cfg, name="mlp")(h)
+    x = x + Mlp(cfg, det, name="mlp")(h)
     return x, None
 
 
@@ -251,8 +295,7 @@ class Transformer(nn.Module):
     *,
     deterministic: bool = True,
   ) -> jax.Array:
-    """`deterministic` is accepted for API stability (there is no dropout)."""
-    del deterministic
+    """`deterministic=False` enables LoRA dropout (needs a 'dropout' rng)."""
     cfg = self.config
     b, t = tokens.shape
     if positions is None:
@@ -281,24 +324,26 @@ class Transformer(nn.Module):
         in_axes=(nn.broadcast, nn.broadcast),
         length=cfg.n_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
-      )(cfg, name="layers")
+      )(cfg, deterministic, name="layers")
       x, _ = stack(x, positions, segment_ids)
     else:
       for i in range(cfg.n_layers):
-        x, _ = block(cfg, name=f"layers_{i}")(x, positions, segment_ids)
+        x, _ = block(cfg, deterministic, name=f"layers_{i}")(
+          x, positions, segment_ids
+        )
 
     x = layers.RMSNorm(
       cfg.norm_eps, cfg.compute_dtype, cfg.weight_dtype, name="final_norm"
     )(x)
     if cfg.tie_embeddings:
       return embed.attend(x)  # [B, T, V]
-    head = layers.Linear(
+    head = _linear(
+      cfg,
       cfg.vocab_size,
       ("embed", "vocab"),
-      dtype=cfg.compute_dtype,
-      param_dtype=cfg.weight_dtype,
+      "lm_head",
+      deterministic=deterministic,
       out_dtype=jnp.float32,
-      name="lm_head",
     )
     return head(x)  # [B, T, V] float32
 

@@ -10,6 +10,8 @@ import importlib
 
 REGISTRY = {
   "clm": "jft.objectives.clm:CLM",
+  "sft": "jft.objectives.sft:SFT",
+  "mlm": "jft.objectives.mlm:MLM",
 }
 
 

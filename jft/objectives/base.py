@@ -29,7 +29,12 @@ class Objective:
     self.config = config
     self.tokenizer = tokenizer
 
-  def make_examples(self, records: Sequence[Mapping[str, Any]]) -> list[dict]:
+  # Counts logged at step 0 (e.g. truncated / skipped rows).
+  data_stats: dict[str, float] = {}
+
+  def make_examples(
+    self, records: Sequence[Mapping[str, Any]], split: str = "train"
+  ) -> list[dict]:
     raise NotImplementedError
 
   def loss(
@@ -42,6 +47,10 @@ class Objective:
   ) -> tuple[jax.Array, jax.Array, MetricSums]:
     """Returns (loss_sum, weight, metric_sums); loss = loss_sum / weight."""
     raise NotImplementedError
+
+  def eval_setup(self, records) -> None:
+    """Sees the held-out records (e.g. prompts to generate from)."""
+    del records
 
   def host_eval(self, predict, params) -> dict[str, float]:
     """Extra host-side evaluation (e.g. generation accuracy); default none."""

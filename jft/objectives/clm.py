@@ -14,7 +14,7 @@ class CLM(base.Objective):
   name = "clm"
   fields = ("text",)
 
-  def make_examples(self, records):
+  def make_examples(self, records, split="train"):
     tok = self.tokenizer
     return [
       pipeline.clm_example(r["text"], tok.encode, tok.bos_id, tok.eos_id)

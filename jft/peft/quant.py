@@ -247,3 +247,25 @@ def nbytes(q) -> int:
   return sum(
     math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(q)
   )
+
+
+def quantize_params(params, kernel_paths, *, kind, block_size, double_quant):
+  """Float param tree -> the 4-bit model's tree (`X/kernel` -> `X/kernel_*`).
+
+  `kernel_paths` are the `.../kernel` leaves to quantize (see
+  `jft.peft.lora.check_quant_table`); other leaves pass through unchanged.
+  """
+  from flax import traverse_util
+
+  flat = traverse_util.flatten_dict(dict(params), sep="/")
+  out = {}
+  for path, leaf in flat.items():
+    if path not in kernel_paths:
+      out[path] = leaf
+      continue
+    q = quantize(
+      leaf, kind=kind, block_size=block_size, double_quant=double_quant
+    )
+    for name, v in q.items():
+      out[f"{path}_{name}"] = v
+  return traverse_util.unflatten_dict(out, sep="/")

@@ -1,0 +1,85 @@
+"""Greedy decoding for evaluation (task accuracy of SFT/DPO runs).
+
+A fixed [B, max_len] buffer is re-run through the model each step (no KV
+cache): simple, one compile per shape, and cheap at the sizes jft evaluates
+on a CPU. Prompts are right-padded; row b writes its next token at its own
+cursor, and segment id 0 keeps padding invisible to attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def make_greedy(
+  apply_fn, *, max_new: int, eos_id: int, pad_id: int, vocab_size: int
+):
+  """Returns jitted `gen(params, tokens [B, L], lengths [B]) -> [B, max_new]`.
+
+  Tokens after a row's eos are `pad_id`. Only ids below `vocab_size` (the
+  tokenizer's; the model's embedding may be padded beyond it) are chosen.
+  """
+
+  def gen(params, tokens, lengths):
+    b, length = tokens.shape
+    idx = jnp.arange(length, dtype=jnp.int32)[None, :]  # [1, L]
+    positions = jnp.broadcast_to(idx, (b, length))
+    seg = (idx < lengths[:, None]).astype(jnp.int32)  # [B, L]
+    out = jnp.full((b, max_new), pad_id, jnp.int32)
+    done = jnp.zeros((b,), bool)
+
+    def body(i, carry):
+      toks, seg, cur, done, out = carry
+      logits = apply_fn(params, toks, positions, seg)  # [B, L, V]
+      last = jnp.take_along_axis(logits, (cur - 1)[:, None, None], axis=1)
+      last = last[:, 0, :vocab_size]  # [B, V_tok]
+      nxt = jnp.argmax(last, axis=-1).astype(jnp.int32)  # [B]
+      nxt = jnp.where(done, pad_id, nxt)
+      out = out.at[:, i].set(nxt)
+      at = idx == cur[:, None]  # [B, L]
+      toks = jnp.where(at, nxt[:, None], toks)
+      seg = jnp.where(at & ~done[:, None], 1, seg)
+      done = done | (nxt == eos_id)
+      cur = jnp.minimum(cur + 1, length - 1)
+      return toks, seg, cur, done, out
+
+    carry = (tokens, seg, lengths.astype(jnp.int32), done, out)
+    return jax.lax.fori_loop(0, max_new, body, carry)[-1]
+
+  return jax.jit(gen)
+
+
+def greedy_generate(
+  gen,
+  params,
+  prompts: Sequence[Sequence[int]],
+  *,
+  max_new: int,
+  pad_id: int,
+  batch_size: int = 128,
+  bucket: int = 16,
+) -> list[list[int]]:
+  """Generates for token-id prompts in fixed-shape batches (few compiles)."""
+  longest = max(len(p) for p in prompts)
+  length = -(-(longest + max_new) // bucket) * bucket
+  outs = []
+  for start in range(0, len(prompts), batch_size):
+    chunk = list(prompts[start : start + batch_size])
+    n = len(chunk)
+    chunk += [chunk[0]] * (batch_size - n)  # fixed batch shape
+    toks = np.full((batch_size, length), pad_id, np.int32)
+    for i, p in enumerate(chunk):
+      toks[i, : len(p)] = p
+    lengths = np.array([len(p) for p in chunk], np.int32)
+    got = np.asarray(jax.device_get(gen(params, toks, lengths)))[:n]
+    outs.extend(got.tolist())
+  return outs
+
+
+def strip_after_eos(ids: Sequence[int], eos_id: int) -> list[int]:
+  ids = list(ids)
+  return ids[: ids.index(eos_id)] if eos_id in ids else ids

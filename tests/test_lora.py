@@ -1,0 +1,245 @@
+"""LoRA and QLoRA: specs, identity at init, merge/unmerge, freezing, 4-bit."""
+
+import dataclasses
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+from flax import traverse_util
+from safetensors.numpy import load_file
+
+from jft import checkpoint, sharding, train
+from jft.models import transformer
+from jft.peft import lora, quant
+
+BASE = transformer.TransformerConfig(
+  vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64
+)
+LORA = dataclasses.replace(
+  BASE, lora_rank=4, lora_alpha=8.0, lora_targets=lora.ALIASES["all-linear"]
+)
+TABLE = (
+  (r"layers(_\d+)?/(attn|mlp)/\w+/kernel", "quantize"),
+  (r"lm_head/kernel", "quantize"),
+  (".*", "float"),
+)
+TOKENS = jax.random.randint(jax.random.PRNGKey(9), (2, 12), 0, 64)
+
+
+def _init(cfg, seed=0):
+  model = transformer.Transformer(cfg)
+  return model, nn.unbox(model.init(jax.random.PRNGKey(seed), TOKENS)["params"])
+
+
+def _flat(t):
+  return traverse_util.flatten_dict(t, sep="/")
+
+
+@pytest.fixture(scope="module")
+def base():
+  return _init(BASE)
+
+
+def _with_random_b(params, seed=1):
+  flat = _flat(params)
+  rng = np.random.default_rng(seed)
+  for k in flat:
+    if k.endswith("lora_b"):
+      flat[k] = jnp.asarray(rng.normal(0, 0.2, flat[k].shape), jnp.float32)
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def test_lora_param_spec():
+  model = transformer.Transformer(LORA)
+  boxed = jax.eval_shape(
+    lambda r: model.init(r, TOKENS)["params"], jax.random.PRNGKey(0)
+  )
+  flat = _flat(nn.unbox(boxed))
+  specs = _flat(nn.get_partition_spec(boxed))
+  assert flat["layers/attn/q/lora_a"].shape == (2, 32, 4)
+  assert flat["layers/attn/q/lora_b"].shape == (2, 4, 32)
+  assert flat["layers/mlp/down/lora_a"].shape == (2, 64, 4)
+  assert flat["layers/attn/k/lora_b"].shape == (2, 4, 16)
+  assert flat["layers/attn/q/lora_a"].dtype == jnp.float32
+  assert tuple(specs["layers/attn/q/lora_a"]) == ("layers", "embed", None)
+  assert tuple(specs["layers/mlp/down/lora_b"]) == ("layers", None, "embed")
+  assert "lm_head/lora_a" not in flat  # all-linear excludes the LM head
+  assert sum(k.endswith("lora_a") for k in flat) == 7
+
+
+def test_adapters_start_as_identity_and_merge_matches(base):
+  model_b, pb = base
+  model_l, pl = _init(LORA)
+  # same base weights, fresh adapters: B = 0 so outputs are the base's
+  full = lora.adapters(pl) | {}
+  params = jax.tree.map(lambda x: x, pb)
+  params = traverse_util.unflatten_dict(_flat(pb) | _flat(full), sep="/")
+  np.testing.assert_allclose(
+    model_l.apply({"params": params}, TOKENS),
+    model_b.apply({"params": pb}, TOKENS),
+    atol=1e-6,
+  )
+  trained = _with_random_b(params)
+  out_lora = model_l.apply({"params": trained}, TOKENS)
+  assert not np.allclose(
+    out_lora, model_b.apply({"params": pb}, TOKENS), atol=1e-3
+  )
+  merged = lora.merge(trained, LORA)
+  assert not any("lora" in k for k in _flat(merged))
+  np.testing.assert_allclose(
+    model_b.apply({"params": merged}, TOKENS), out_lora, atol=2e-5
+  )
+  back = lora.unmerge(merged, lora.adapters(trained), LORA)
+  for k, v in _flat(trained).items():
+    np.testing.assert_allclose(_flat(back)[k], v, atol=1e-6, err_msg=k)
+  # zero_adapters gives the base function back (DPO's reference)
+  np.testing.assert_allclose(
+    model_l.apply({"params": lora.zero_adapters(trained)}, TOKENS),
+    model_b.apply({"params": pb}, TOKENS),
+    atol=1e-6,
+  )
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_lora_scale_by_hand(rslora):
+  from jft.models.layers import Linear, PeftOptions
+
+  opts = PeftOptions(
+    lora_rank=4, lora_alpha=8.0, lora_rslora=rslora, lora_targets=""
+  )  # a root module has path ""
+  layer = Linear(3, ("embed", "mlp"), peft=opts, name="lin")
+  x = jnp.arange(10, dtype=jnp.float32).reshape(2, 5) / 10
+  p = nn.unbox(layer.init(jax.random.PRNGKey(0), x)["params"])
+  p["lora_b"] = jnp.ones((4, 3)) * 0.5
+  y = layer.apply({"params": p}, x)
+  scale = 8.0 / (2.0 if rslora else 4.0)
+  expect = np.asarray(x) @ np.asarray(p["kernel"]) + scale * (
+    np.asarray(x) @ np.asarray(p["lora_a"]) @ np.asarray(p["lora_b"])
+  )
+  np.testing.assert_allclose(y, expect, rtol=1e-5)
+
+
+def test_target_regex_that_matches_nothing_lists_layers(suite_dir, tmp_path):
+  config = tiny_config(suite_dir, objective="sft")
+  config.lora.rank = 4
+  config.lora.targets = r"layers/attn/qq"
+  with pytest.raises(ValueError, match=r"matches no Linear.*layers/attn/q"):
+    train.run(config, str(tmp_path / "w"))
+
+
+def test_quant_table_errors(base):
+  _, pb = base
+  with pytest.raises(ValueError, match=r"unmatched.*final_norm/scale"):
+    lora.check_quant_table(TABLE[:2], pb)
+  with pytest.raises(ValueError, match=r"final_norm/scale.*only Linear"):
+    lora.check_quant_table(
+      ((r"final_norm/scale", "quantize"), (".*", "float")), pb
+    )
+  assert len(lora.check_quant_table(TABLE, pb)) == 8
+
+
+@pytest.mark.parametrize("kind", ["int4", "nf4"])
+def test_qlora_spec_bytes_and_merge(base, kind):
+  model_b, pb = base
+  qcfg = dataclasses.replace(
+    LORA, quant_kind=kind, quant_table=TABLE, quant_block_size=16
+  )
+  model_q, pq = _init(qcfg)
+  flat = _flat(pq)
+  assert flat["layers/attn/q/kernel_packed"].dtype == jnp.uint8
+  assert flat["layers/attn/q/kernel_packed"].shape == (2, 16, 32)
+  assert flat["layers/attn/q/kernel_scale"].shape == (2, 2, 32)
+  assert flat["lm_head/kernel_packed"].shape == (16, 64)
+  assert "embed/embedding" in flat and "layers/attn/q/kernel" not in flat
+  # real weights: quantize the float base, keep the fresh adapters
+  kernels = set(lora.check_quant_table(TABLE, pb))
+  qbase = quant.quantize_params(
+    pb, kernels, kind=kind, block_size=16, double_quant=False
+  )
+  params = traverse_util.unflatten_dict(
+    _flat(qbase) | _flat(lora.adapters(pq)), sep="/"
+  )
+  out_q = model_q.apply({"params": params}, TOKENS)
+  out_f = model_b.apply({"params": pb}, TOKENS)
+  rel = np.linalg.norm(out_q - out_f) / np.linalg.norm(out_f)
+  assert rel < 0.15, rel
+  kernel_bytes = sum(
+    v.nbytes for k, v in _flat(pb).items() if k.endswith("/kernel")
+  )
+  q_bytes = sum(v.nbytes for k, v in _flat(qbase).items() if "/kernel_" in k)
+  # 4 bits + one float32 scale per 16 values = (0.5 + 4/16) / 4 of f32
+  assert q_bytes == kernel_bytes * (0.5 + 4 / 16) / 4
+  # merging a QLoRA tree gives the float model computing the same function
+  trained = _with_random_b(params)
+  merged = lora.merge(trained, qcfg)
+  np.testing.assert_allclose(
+    model_b.apply({"params": merged}, TOKENS),
+    model_q.apply({"params": trained}, TOKENS),
+    atol=5e-5,
+  )
+
+
+def _restore_raw(workdir):
+  import orbax.checkpoint as ocp
+
+  step = checkpoint.Checkpointer(workdir).latest_step()
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  return ocp.PyTreeCheckpointer().restore(path)
+
+
+@pytest.mark.parametrize("kind", ["", "nf4"])
+def test_adapter_run_trains_only_adapters(suite_dir, tmp_path, kind):
+  config = tiny_config(
+    suite_dir, objective="sft", total_steps=3, eval_every=0, checkpoint_every=3
+  )
+  config.lora.rank = 4
+  config.lora.save_merged = kind == ""
+  if kind:
+    config.quant.kind = kind
+    config.quant.block_size = 16
+    config.quant.double_quant = True
+  workdir = str(tmp_path / "w")
+  train.run(config, workdir)
+  raw = _restore_raw(workdir)
+  trainable, frozen = _flat(raw["trainable"]), _flat(raw["frozen"])
+  assert trainable and all("lora_" in k for k in trainable)
+  assert not any("lora_" in k for k in frozen)
+  # Optimizer state exists for adapters only: mu/nu leaves mirror trainable.
+  opt_sizes = sum(np.size(x) for x in jax.tree.leaves(raw["opt_state"]))
+  n_train = sum(np.size(x) for x in trainable.values())
+  n_frozen = sum(np.size(x) for x in frozen.values())
+  assert 2 * n_train <= opt_sizes < 2 * n_train + 16 < n_frozen
+  # Frozen weights are bit-identical to the same config's untrained init.
+  tok = train.sources.Tokenizer.load(config.data.tokenizer)
+  model_cfg = train.resolve_model_config(config, tok)
+  mesh = sharding.make_mesh(config.mesh)
+  init = _flat(
+    jax.device_get(
+      train.init_params(
+        config, model_cfg, mesh, sharding.rules_from_config(config.mesh)
+      )
+    )
+  )
+  for k, v in frozen.items():
+    np.testing.assert_array_equal(v, init[k], err_msg=k)
+  # B moved off zero: the adapters did train.
+  assert any(
+    np.abs(v).max() > 0 for k, v in trainable.items() if k.endswith("lora_b")
+  )
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    first = json.loads(f.readline())
+  assert first["params/frozen_bytes"] == sum(v.nbytes for v in frozen.values())
+  # PEFT-format adapters: names and [r, in] / [out, r] layouts.
+  ad = load_file(os.path.join(workdir, "adapters", "adapter_model.safetensors"))
+  a = ad["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"]
+  b = ad["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"]
+  assert a.shape == (4, 32) and b.shape == (32, 4)
+  with open(os.path.join(workdir, "adapters", "adapter_config.json")) as f:
+    assert json.load(f)["r"] == 4
+  if not kind:
+    assert os.path.exists(os.path.join(workdir, "merged", "config.json"))
