@@ -20,6 +20,7 @@ DEFAULT_RULES = (
   ("kv", "tensor"),
   ("vocab", "tensor"),
   ("layers", None),
+  ("length", None),  # activations only: sequence positions stay whole
 )
 
 
@@ -105,6 +106,37 @@ def base_config() -> ml_collections.ConfigDict:
     )
   )
 
+  # Masked-LM: select mask_rate of each document's tokens; replace 80% with
+  # [MASK], 10% with a random token, leave 10% (BERT's recipe).
+  c.mlm = ml_collections.ConfigDict(
+    dict(mask_rate=0.15, mask_token_rate=0.8, random_token_rate=0.1)
+  )
+
+  # Preference optimisation ({"prompt","chosen","rejected"} rows).
+  c.dpo = ml_collections.ConfigDict(
+    dict(
+      # sigmoid | robust | ipo | hinge | dpop | simpo | orpo
+      loss_type="sigmoid",
+      beta=0.1,
+      label_smoothing=0.0,  # cDPO / rDPO noise rate
+      simpo_gamma=0.5,  # SimPO target margin (reward units)
+      # RPO: + rpo_alpha * per-token NLL of the chosen completion. Keeps the
+      # chosen answer (and its eos) likely while the margin grows.
+      rpo_alpha=0.0,
+      dpop_lambda=50.0,  # DPO-Positive penalty weight (loss_type='dpop')
+      # Which completion tokens carry the preference: 'full' (DPO) or
+      # 'first_divergence' (Step-DPO style: from the first differing token
+      # on; the rejected side only that token, its error).
+      mask="full",
+      # Full fine-tuning reference: False = a frozen copy in the state;
+      # True = log-probs computed once before training. (LoRA/QLoRA always
+      # use the base with adapters off; simpo/orpo need no reference.)
+      precompute_ref=False,
+      truncation="truncate_prompt",  # or 'skip'; counted and reported
+      on_invalid="error",  # empty/missing/identical chosen-rejected: or 'skip'
+    )
+  )
+
   c.optimizer = ml_collections.ConfigDict(
     dict(
       name="adamw",
@@ -157,7 +189,9 @@ def base_config() -> ml_collections.ConfigDict:
     )
   )
 
+  # Axis sizes (one may be -1 = the rest) over the first `num_devices`
+  # devices (0 = all; a subset only in single-process runs).
   c.mesh = ml_collections.ConfigDict(
-    dict(data=1, fsdp=-1, tensor=1, rules=DEFAULT_RULES)
+    dict(data=1, fsdp=-1, tensor=1, num_devices=0, rules=DEFAULT_RULES)
   )
   return c

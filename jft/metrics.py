@@ -27,6 +27,20 @@ def truncate_jsonl(path: str, max_step: int) -> None:
   os.replace(tmp, path)
 
 
+def first_and_last(path: str) -> tuple[dict, dict]:
+  """(step-0 row, latest value of every metric) from a metrics.jsonl."""
+  first, last = {}, {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        if line.strip():
+          row = json.loads(line)
+          if row.get("step") == 0:
+            first = row
+          last.update(row)
+  return first, last
+
+
 class MetricWriter:
   """Appends `{"step": int, name: float, ...}` lines; mirrors to TensorBoard."""
 

@@ -26,6 +26,7 @@ class TrainState:
   frozen: Params
   opt_state: Any
   rng: jax.Array  # [2] uint32 key data
+  ref: Params = flax.struct.field(default_factory=dict)  # frozen, no opt
 
   @property
   def params(self) -> Params:

@@ -50,11 +50,11 @@ def split_microbatches(batch: Mapping, k: int) -> dict:
 def make_train_step(objective, apply_fn, optimizer, schedule, grad_accum_steps):
   """Builds the pure train step for `objective` (see module docstring)."""
 
-  def grads_of(trainable, frozen, batch, rng):
+  def grads_of(trainable, frozen, ref, batch, rng):
     def loss_fn(tr):
       params = merge_params(tr, frozen)
       loss_sum, weight, mets = objective.loss(
-        apply_fn, params, batch, rng, train=True
+        apply_fn, params, batch, rng, train=True, ref=ref
       )
       return loss_sum, (weight, mets)
 
@@ -67,20 +67,24 @@ def make_train_step(objective, apply_fn, optimizer, schedule, grad_accum_steps):
     rng = jax.random.fold_in(state.rng, state.step)
     if grad_accum_steps == 1:
       grads, loss_sum, weight, mets = grads_of(
-        state.trainable, state.frozen, batch, rng
+        state.trainable, state.frozen, state.ref, batch, rng
       )
     else:
       micro = split_microbatches(batch, grad_accum_steps)
       first = jax.tree.map(lambda x: x[0], micro)
       shapes = jax.eval_shape(
-        grads_of, state.trainable, state.frozen, first, rng
+        grads_of, state.trainable, state.frozen, state.ref, first, rng
       )
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
       def body(carry, xs):
         mb, i = xs
         out = grads_of(
-          state.trainable, state.frozen, mb, jax.random.fold_in(rng, i)
+          state.trainable,
+          state.frozen,
+          state.ref,
+          mb,
+          jax.random.fold_in(rng, i),
         )
         g, ls, w, m = out
         cg, cls, cw, cm = carry
@@ -118,11 +122,11 @@ def make_train_step(objective, apply_fn, optimizer, schedule, grad_accum_steps):
 
 
 def make_eval_step(objective, apply_fn):
-  """Returns `eval_step(params, batch) -> metric sums` (summed on the host)."""
+  """`eval_step(params, ref, batch) -> metric sums` (summed on the host)."""
 
-  def eval_step(params, batch):
+  def eval_step(params, ref, batch):
     loss_sum, weight, mets = objective.loss(
-      apply_fn, params, batch, jax.random.PRNGKey(0), train=False
+      apply_fn, params, batch, jax.random.PRNGKey(0), train=False, ref=ref
     )
     return {"loss": (loss_sum, weight), **mets}
 

@@ -223,6 +223,16 @@ def run(
   """
   os.makedirs(workdir, exist_ok=True)
   primary = jax.process_index() == 0
+  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+  start = ckpt.latest_step() or 0
+  if start >= config.total_steps:
+    if primary:
+      print(
+        f"{workdir}: already finished (step {start} of "
+        f"{config.total_steps}); nothing to do."
+      )
+    ckpt.close()
+    return {}
   if config.init.startswith("run:"):  # train (or reuse) the earlier stage
     stage_dir = stages.ensure_stage(config.init[4:], config)
     config = config.copy_and_resolve_references()
@@ -242,38 +252,16 @@ def run(
   train_examples = objective.make_examples(
     pipeline.read_jsonl_files(train_spec, objective.fields)
   )
+  eval_examples = []
+  if eval_spec:
+    eval_records = pipeline.read_jsonl_files(eval_spec, objective.fields)
+    eval_examples = objective.make_examples(eval_records, split="eval")
+    objective.eval_setup(eval_records)
   n_proc = jax.process_count()
   if config.batch_size % n_proc:
     raise ValueError(
       f"config.batch_size={config.batch_size} is not divisible by the "
       f"{n_proc} processes"
-    )
-  train_iter = pipeline.make_train_iter(
-    train_examples,
-    seq_len=config.seq_len,
-    batch_size=config.batch_size // n_proc,
-    seed=config.seed,
-    pad_id=tokenizer.pad_id,
-    shuffle=config.data.shuffle,
-    num_epochs=config.data.num_epochs,
-    shard_index=jax.process_index(),
-    shard_count=n_proc,
-    packing=config.data.packing,
-  )
-  eval_batches = []
-  if eval_spec:
-    eval_records = pipeline.read_jsonl_files(eval_spec, objective.fields)
-    eval_examples = objective.make_examples(eval_records, split="eval")
-    objective.eval_setup(eval_records)
-    eval_batches = _shard_eval(
-      pipeline.make_eval_batches(
-        eval_examples,
-        seq_len=config.seq_len,
-        batch_size=config.eval_batch_size,
-        pad_id=tokenizer.pad_id,
-        packing=config.data.packing,
-      ),
-      tokenizer.pad_id,
     )
 
   # Model and parameters.
@@ -286,12 +274,53 @@ def run(
       json.dump(resolved, f, indent=2, default=str)
     logging.info("model: %s", model_cfg)
   params = init_params(config, model_cfg, mesh, rules)
+  apply_fn = make_apply_fn(model)
+
+  # Objective passes over the data with the initial params (e.g. DPO's
+  # reference log-probs), then the input pipelines.
+  train_examples = objective.precompute(
+    train_examples, apply_fn, params, _batch_runner(mesh)
+  )
+  eval_examples = (
+    objective.precompute(eval_examples, apply_fn, params, _batch_runner(mesh))
+    if eval_examples
+    else []
+  )
+  packing = (
+    config.data.packing if objective.packing is None else (objective.packing)
+  )
+  train_iter = pipeline.make_train_iter(
+    train_examples,
+    seq_len=config.seq_len,
+    batch_size=config.batch_size // n_proc,
+    seed=config.seed,
+    pad_id=tokenizer.pad_id,
+    shuffle=config.data.shuffle,
+    num_epochs=config.data.num_epochs,
+    shard_index=jax.process_index(),
+    shard_count=n_proc,
+    packing=packing,
+  )
+  eval_batches = []
+  if eval_examples:
+    eval_batches = _shard_eval(
+      pipeline.make_eval_batches(
+        eval_examples,
+        seq_len=config.seq_len,
+        batch_size=config.eval_batch_size,
+        pad_id=tokenizer.pad_id,
+        packing=packing,
+      ),
+      tokenizer.pad_id,
+    )
+
   trainable, frozen = split_params(params, freeze_table(config))
   for path, leaf in flat_paths(trainable).items():
     if not jnp.issubdtype(leaf.dtype, jnp.floating):
       raise ValueError(
         f"config.freeze: {path} ({leaf.dtype}) cannot be trained; freeze it"
       )
+  ref = objective.reference_params(params)
   del params
   optimizer, schedule = optim.make_optimizer(
     config.optimizer, config.total_steps, trainable
@@ -300,8 +329,12 @@ def run(
     step=jnp.zeros((), jnp.int32),
     trainable=trainable,
     frozen=frozen,
-    opt_state=jax.jit(optimizer.init)(trainable),
+    opt_state=jax.jit(  # moments shard like their params (FSDP)
+      optimizer.init,
+      out_shardings=sharding.opt_state_shardings(optimizer, trainable, mesh),
+    )(trainable),
     rng=jax.random.PRNGKey(config.seed),
+    ref=ref,
   )
   state = jax.device_put(
     state,
@@ -320,6 +353,8 @@ def run(
     "params/frozen": _tree_count(state.frozen),
     "params/trainable_bytes": _tree_bytes(state.trainable),
     "params/frozen_bytes": _tree_bytes(state.frozen),
+    "params/opt_state_bytes": _tree_bytes(state.opt_state),
+    "params/reference_bytes": _tree_bytes(state.ref),
   }
   if primary:
     labels = {p: "trainable" for p in flat_paths(state.trainable)}
@@ -329,18 +364,7 @@ def run(
     print("params: " + ", ".join(f"{k}={v:,}" for k, v in accounting.items()))
 
   # Resume.
-  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
   writer = metrics.MetricWriter(workdir, enabled=primary)
-  start = ckpt.latest_step() or 0
-  if start >= config.total_steps:
-    if primary:
-      print(
-        f"{workdir}: already finished (step {start} of "
-        f"{config.total_steps}); nothing to do."
-      )
-    ckpt.close()
-    writer.close()
-    return {}
   if start:
     abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -352,20 +376,27 @@ def run(
       print(f"Resuming {workdir} from checkpoint at step {start}.")
 
   # Compile.
-  apply_fn = make_apply_fn(model)
   batch_shardings = sharding.batch_sharding(mesh)
+  # Traced under the mesh and rules: the model's activation constraints apply.
   p_train_step = jax.jit(
-    steps.make_train_step(
-      objective, apply_fn, optimizer, schedule, config.grad_accum_steps
+    sharding.with_mesh_rules(
+      steps.make_train_step(
+        objective, apply_fn, optimizer, schedule, config.grad_accum_steps
+      ),
+      mesh,
+      rules,
     ),
     in_shardings=(state_shardings, batch_shardings),
     out_shardings=(state_shardings, sharding.replicated(mesh)),
     donate_argnums=(0,),
   )
   p_eval_step = jax.jit(
-    steps.make_eval_step(objective, apply_fn),
+    sharding.with_mesh_rules(
+      steps.make_eval_step(objective, apply_fn), mesh, rules
+    ),
     in_shardings=(
       jax.tree.map(lambda x: x.sharding, state.params),
+      jax.tree.map(lambda x: x.sharding, state.ref),
       batch_shardings,
     ),
     out_shardings=sharding.replicated(mesh),
@@ -377,13 +408,14 @@ def run(
     sums = None
     params = state.params
     for b in eval_batches:
-      out = p_eval_step(params, sharding.global_batch(b, mesh))
+      out = p_eval_step(params, state.ref, sharding.global_batch(b, mesh))
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     sums = jax.device_get(sums)
     res = {
       f"eval/{k}": float(s) / max(float(w), 1e-12) for k, (s, w) in sums.items()
     }
-    res["eval/perplexity"] = math.exp(min(res["eval/loss"], 80.0))
+    if objective.token_loss:
+      res["eval/perplexity"] = math.exp(min(res["eval/loss"], 80.0))
     res.update(objective.host_eval(apply_fn, params))
     return res
 
@@ -412,7 +444,7 @@ def run(
           f"{k} {v:.4f}" for k, v in first.items() if k.startswith("eval/")
         )
       )
-  tokens, t_last, pending = 0, time.time(), None
+  tokens, t_last, s_last, pending = 0, time.time(), start, None
   try:
     for step in range(start, config.total_steps):
       local = next(train_iter)
@@ -433,8 +465,10 @@ def run(
             if k != "train/weight"
           }
         )
-        out["train/tokens_per_s"] = tokens * n_proc / max(now - t_last, 1e-9)
-        tokens, t_last = 0, now
+        elapsed = max(now - t_last, 1e-9)
+        out["train/tokens_per_s"] = tokens * n_proc / elapsed
+        out["train/steps_per_s"] = (s - s_last) / elapsed
+        tokens, t_last, s_last = 0, now, s
         progress.update(s, out)
       if config.eval_every and (
         s % config.eval_every == 0 or s == config.total_steps
@@ -443,7 +477,7 @@ def run(
         out.update(ev)
         if ev and primary:
           print("  ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-        t_last = time.time()  # eval time is not training throughput
+        t_last, s_last = time.time(), s  # eval is not training throughput
       stop = stop_after is not None and s >= stop_after
       if s % config.checkpoint_every == 0 or s == config.total_steps or stop:
         check_finite(s, m)
@@ -456,21 +490,60 @@ def run(
   finally:
     ckpt.close()
     writer.close()
-  if primary:
-    export(config, workdir, state, model_cfg)
+  if int(state.step) >= config.total_steps:
+    export(config, workdir, state, model_cfg, primary)
+  if primary and int(state.step) >= config.total_steps:
+    report = objective.summary(*metrics.first_and_last(writer.path))
+    if report:
+      print(report)
+      with open(os.path.join(workdir, "summary.md"), "w") as f:
+        f.write(report + "\n")
   return last
 
 
-def export(config, workdir: str, state, model_cfg) -> None:
-  """End-of-run artefacts: LoRA adapters alone and/or the merged model."""
-  params = jax.device_get(state.params)
-  if model_cfg.lora_rank and config.lora.save_adapters:
+def _batch_runner(mesh):
+  """`run(fn, params, host_batches)`: jitted fn over whole-data batches.
+
+  Every process passes the same full batches (not its shard), so arrays are
+  built from the full host data by index.
+  """
+
+  def run(fn, params, batches):
+    jfn = jax.jit(fn)
+    outs = []
+    for b in batches:
+      placed = {
+        k: jax.make_array_from_callback(
+          v.shape, sharding.batch_sharding(mesh, v.ndim), lambda i, v=v: v[i]
+        )
+        for k, v in b.items()
+      }
+      outs.append(sharding.to_host(jfn(params, placed)))
+    return outs
+
+  return run
+
+
+def export(config, workdir: str, state, model_cfg, primary: bool) -> None:
+  """End-of-run artefacts: LoRA adapters alone and/or the merged model.
+
+  Every process takes part in gathering sharded params; process 0 writes.
+  """
+  if not (
+    model_cfg.lora_rank
+    and (config.lora.save_adapters or (config.lora.save_merged))
+  ):
+    return
+  params = sharding.to_host(state.params)
+  if not primary:
+    return
+  if config.lora.save_adapters:
     lora.save_adapters(os.path.join(workdir, "adapters"), params, model_cfg)
     print(f"adapters: {os.path.join(workdir, 'adapters')}")
-  if model_cfg.lora_rank and config.lora.save_merged:
+  if config.lora.save_merged:
     from jft.interop import hf
 
     merged = lora.merge(params, model_cfg)
     out = os.path.join(workdir, "merged")
-    hf.save_params(out, merged, lora.base_config(model_cfg))
+    hf.save_params(out, merged, lora.base_config(model_cfg), overwrite=True)
     print(f"merged model: {out}")

@@ -27,11 +27,18 @@ def suite_dir(tmp_path_factory):
   return d
 
 
-def tiny_config(suite_dir, objective="clm", **overrides):
-  """Base config on the shared suite: tiny model, few steps, cheap to jit."""
+def tiny_config(suite_dir, objective="clm", config_file=None, **overrides):
+  """Base config (or `config_file`'s) shrunk for tests: tiny model, few
+  steps, the shared suite's data, no earlier stages."""
   from jft import config as base
+  from jft import stages
 
-  c = base.base_config()
+  if config_file:
+    c = stages.load_config_file(config_file)
+    objective = c.objective
+    c.init = ""
+  else:
+    c = base.base_config()
   c.objective = objective
   c.model.preset = "tiny"
   c.model.d_model = 32

@@ -52,6 +52,22 @@ def init_workdir(init: str) -> str | None:
 
 
 def load_tokenizer(config, workdir: str, train_spec: str) -> Tokenizer:
+  """The run's tokenizer, also kept as WORKDIR/tokenizer.model.
+
+  Keeping a copy makes every workdir self-contained: a later stage that
+  starts from this run (`config.init`) reads the very same vocabulary.
+  """
+  tok = _find_tokenizer(config, workdir, train_spec)
+  own = os.path.join(workdir, TOKENIZER_FILE)
+  if not os.path.exists(own):
+    tmp = own + ".tmp"
+    with open(tmp, "wb") as f:
+      f.write(tok.model_proto)
+    os.replace(tmp, own)
+  return tok
+
+
+def _find_tokenizer(config, workdir: str, train_spec: str) -> Tokenizer:
   if config.data.tokenizer:
     return Tokenizer.load(config.data.tokenizer)
   src = init_workdir(config.init)

@@ -42,7 +42,7 @@ import numpy as np
 TASKS = ("add", "copy", "reverse", "sort")
 SPLITS = ("train", "eval")
 EVAL_FRACTION = 0.1
-_FORMAT_VERSION = 1  # Bump when a format changes: invalidates cached suites.
+_FORMAT_VERSION = 2  # Bump when a format changes: invalidates cached suites.
 _LETTERS = string.ascii_lowercase
 _MIN_LEN, _MAX_LEN = 3, 8
 _MAX_DIGITS = 3
@@ -167,38 +167,6 @@ def _other(rng: np.random.Generator, pool: str, not_this: str) -> str:
   return choices[int(rng.integers(len(choices)))]
 
 
-def _change_letter(letters: list[str], rng: np.random.Generator) -> list[str]:
-  i = int(rng.integers(len(letters)))
-  return letters[:i] + [_other(rng, _LETTERS, letters[i])] + letters[i + 1 :]
-
-
-def _swap(letters: list[str], i: int, j: int) -> list[str]:
-  out = list(letters)
-  out[i], out[j] = out[j], out[i]
-  return out
-
-
-def _swap_any(letters: list[str], rng: np.random.Generator) -> list[str]:
-  """Swap two different letters; changes one letter if all are equal."""
-  pairs = [
-    (i, j)
-    for i in range(len(letters))
-    for j in range(i + 1, len(letters))
-    if letters[i] != letters[j]
-  ]
-  if not pairs:
-    return _change_letter(letters, rng)
-  return _swap(letters, *pairs[int(rng.integers(len(pairs)))])
-
-
-def _swap_adjacent(letters: list[str], rng: np.random.Generator) -> list[str]:
-  idx = [i for i in range(len(letters) - 1) if letters[i] != letters[i + 1]]
-  if not idx:
-    return _change_letter(letters, rng)
-  i = idx[int(rng.integers(len(idx)))]
-  return _swap(letters, i, i + 1)
-
-
 def _wrong_sum(ans: str, rng: np.random.Generator) -> str:
   value = int(ans)
   if rng.random() < 0.5:  # Off by a small amount, kept non-negative.
@@ -211,32 +179,33 @@ def _wrong_sum(ans: str, rng: np.random.Generator) -> str:
   return ans[:i] + _other(rng, pool, ans[i]) + ans[i + 1 :]
 
 
+def _misread_letter(letters: list[str], rng: np.random.Generator) -> list[str]:
+  """One letter replaced by a letter that is not in the string at all."""
+  i = int(rng.integers(len(letters)))
+  absent = [c for c in _LETTERS if c not in letters]
+  out = list(letters)
+  out[i] = absent[int(rng.integers(len(absent)))]
+  return out
+
+
 def wrong_answer(
   task: str, prompt: str, answer: str, rng: np.random.Generator
 ) -> str:
-  """A plausible wrong answer (the kind of mistake a model makes).
+  """A plausible wrong answer: the kind of mistake a small model makes.
 
-  add: off by 1-10 or one wrong digit; reverse: the unreversed string or one
-  swap; sort: one adjacent swap; copy: one letter changed. Never equal to
-  `answer`.
+  add: off by 1-10 or one wrong digit; copy, reverse, sort: one letter
+  misread as a letter absent from the input (what tiny models trained on
+  these tasks get wrong). Deliberately not a swap of two input letters:
+  the swapped-in letter is the right token one position later, so a
+  preference against it teaches the model to avoid a correct token. Never
+  equal to `answer`.
   """
   _check_task(task)
   answer = answer.strip()
   if task == "add":
     wrong = _wrong_sum(answer, rng)
   else:
-    letters = answer.split(" ")
-    if task == "copy":
-      wrong_letters = _change_letter(letters, rng)
-    elif task == "sort":
-      wrong_letters = _swap_adjacent(letters, rng)
-    else:  # reverse
-      original = _body(task, prompt).split(" ")
-      if rng.random() < 0.5 and original != letters:
-        wrong_letters = original
-      else:
-        wrong_letters = _swap_any(letters, rng)
-    wrong = " ".join(wrong_letters)
+    wrong = " ".join(_misread_letter(answer.split(" "), rng))
   if wrong == answer:  # Unreachable by construction; kept under python -O.
     raise AssertionError(f"wrong_answer({task!r}, {prompt!r}) == {answer!r}")
   return wrong

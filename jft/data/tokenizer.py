@@ -51,6 +51,11 @@ class Tokenizer:
     with open(path, "rb") as f:
       return cls(f.read(), name=path)
 
+  @property
+  def model_proto(self) -> bytes:
+    """The serialized model (what a `.model` file holds)."""
+    return self._proto
+
   # -- pickling: bytes travel, the processor is rebuilt on first use.
   def __getstate__(self) -> dict:
     return {"proto": self._proto, "name": self._name}

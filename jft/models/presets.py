@@ -20,6 +20,20 @@ PRESETS: dict[str, dict] = {
     qkv_bias=False,
     tie_embeddings=False,
   ),
+  # Demo size for the pretrain -> SFT -> DPO chain on a 2-core CPU (~0.8M
+  # params with the built-in tokenizer): big enough to learn the tasks.
+  "mini": dict(
+    vocab_size=512,
+    d_model=128,
+    n_layers=4,
+    n_heads=4,
+    n_kv_heads=2,
+    mlp_dim=352,
+    rope_theta=10000.0,
+    norm_eps=1e-5,
+    qkv_bias=False,
+    tie_embeddings=False,
+  ),
   # Reference from-scratch pretraining size (~5M params incl. embeddings).
   "ref-5M": dict(
     vocab_size=4096,

@@ -28,6 +28,11 @@ _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
+# Logical axes of the residual stream [B, T, D]. Under `sharding.
+# with_mesh_rules` (train.py) they pin it to the batch axes between blocks,
+# so XLA never keeps a replicated copy; elsewhere they are no-ops.
+ACTIVATION_AXES = ("batch", "length", "embed")
+
 _REMAT_POLICIES = {
   "none": None,
   "full": jax.checkpoint_policies.nothing_saveable,
@@ -278,6 +283,7 @@ class Block(nn.Module):
     x = x + Attention(cfg, det, name="attn")(h, positions, segment_ids)
     h = norm("mlp_norm")(x)
     x = x + Mlp(cfg, det, name="mlp")(h)
+    x = nn.with_logical_constraint(x, ACTIVATION_AXES)  # [B, T, D]
     return x, None
 
 
@@ -311,6 +317,7 @@ class Transformer(nn.Module):
       name="embed",
     )
     x = embed(tokens)  # [B, T, D]
+    x = nn.with_logical_constraint(x, ACTIVATION_AXES)
 
     block = Block
     policy = _REMAT_POLICIES[cfg.remat]

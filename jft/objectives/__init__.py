@@ -11,6 +11,7 @@ import importlib
 REGISTRY = {
   "clm": "jft.objectives.clm:CLM",
   "sft": "jft.objectives.sft:SFT",
+  "dpo": "jft.objectives.dpo:DPO",
   "mlm": "jft.objectives.mlm:MLM",
 }
 

@@ -24,6 +24,8 @@ class Objective:
 
   name: str = ""
   fields: tuple[str, ...] = ()  # JSONL fields each record must have
+  packing: bool | None = None  # None = config.data.packing decides
+  token_loss: bool = True  # loss is per token: eval/perplexity is meaningful
 
   def __init__(self, config, tokenizer):
     self.config = config
@@ -44,9 +46,28 @@ class Objective:
     batch: Mapping[str, jax.Array],
     rng: jax.Array,
     train: bool,
+    ref: Any = None,
   ) -> tuple[jax.Array, jax.Array, MetricSums]:
-    """Returns (loss_sum, weight, metric_sums); loss = loss_sum / weight."""
+    """Returns (loss_sum, weight, metric_sums); loss = loss_sum / weight.
+
+    `ref` is the state's frozen reference params (see `reference_params`).
+    """
     raise NotImplementedError
+
+  def reference_params(self, params) -> Any:
+    """Extra frozen params the loss needs (DPO's reference copy)."""
+    del params
+    return {}
+
+  def precompute(self, examples, apply_fn, params, run_batches):
+    """A pass over the examples before training (e.g. reference log-probs)."""
+    del apply_fn, params, run_batches
+    return examples
+
+  def summary(self, first: dict, last: dict) -> str:
+    """Text printed (and saved as summary.md) at the end of a run."""
+    del first, last
+    return ""
 
   def eval_setup(self, records) -> None:
     """Sees the held-out records (e.g. prompts to generate from)."""

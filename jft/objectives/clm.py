@@ -21,7 +21,7 @@ class CLM(base.Objective):
       for r in records
     ]
 
-  def loss(self, apply_fn, params, batch, rng, train):
+  def loss(self, apply_fn, params, batch, rng, train, ref=None):
     chex.assert_rank(batch["inputs"], 2)
     logits = apply_fn(
       params,

@@ -95,6 +95,50 @@ def fit(ids, mask, max_len: int, policy: str):
   )
 
 
+class TaskEval:
+  """eval/task_accuracy: greedy answers to held-out built-in task prompts."""
+
+  def __init__(self, config, tokenizer):
+    self.config, self.tokenizer = config, tokenizer
+    self.records = []
+    self._gen = None
+
+  def setup(self, records) -> None:
+    n = self.config.sft.max_eval_generations
+    self.records = [
+      r
+      for r in records
+      if r.get("task") in tasks.TASKS and isinstance(r.get("prompt"), str)
+    ][:n]
+
+  def evaluate(self, apply_fn, params) -> dict[str, float]:
+    if not self.records:
+      return {}
+    tok = self.tokenizer
+    max_new = self.config.sft.max_new_tokens
+    if self._gen is None:
+      self._gen = generate.make_greedy(
+        apply_fn,
+        max_new=max_new,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+        vocab_size=tok.vocab_size,
+      )
+    prompts = [[tok.bos_id] + tok.encode(r["prompt"]) for r in self.records]
+    outs = generate.greedy_generate(
+      self._gen, params, prompts, max_new=max_new, pad_id=tok.pad_id
+    )
+    right = [
+      tasks.is_correct(
+        r["task"],
+        r["prompt"],
+        tok.decode(generate.strip_after_eos(o, tok.eos_id)),
+      )
+      for r, o in zip(self.records, outs, strict=True)
+    ]
+    return {"eval/task_accuracy": float(np.mean(right))}
+
+
 class SFT(CLM):
   """Token-weighted CE on trained tokens; same loss as CLM."""
 
@@ -106,8 +150,7 @@ class SFT(CLM):
     super().__init__(config, tokenizer)
     self.template = load_template(config.sft)
     self.data_stats: dict[str, float] = {}
-    self.eval_records = []
-    self._gen = None
+    self.tasks = TaskEval(config, tokenizer)
 
   def make_examples(self, records, split: str = "train"):
     tok, seq = self.tokenizer, self.config.seq_len
@@ -133,37 +176,7 @@ class SFT(CLM):
     return out
 
   def eval_setup(self, records) -> None:
-    n = self.config.sft.max_eval_generations
-    self.eval_records = [
-      r for r in records if r.get("task") in tasks.TASKS and "prompt" in r
-    ][:n]
+    self.tasks.setup(records)
 
   def host_eval(self, apply_fn, params) -> dict[str, float]:
-    """Greedy-decode held-out built-in prompts; fraction answered right."""
-    if not self.eval_records:
-      return {}
-    tok = self.tokenizer
-    max_new = self.config.sft.max_new_tokens
-    if self._gen is None:
-      self._gen = generate.make_greedy(
-        apply_fn,
-        max_new=max_new,
-        eos_id=tok.eos_id,
-        pad_id=tok.pad_id,
-        vocab_size=tok.vocab_size,
-      )
-    prompts = [
-      [tok.bos_id] + tok.encode(r["prompt"]) for r in self.eval_records
-    ]
-    outs = generate.greedy_generate(
-      self._gen, params, prompts, max_new=max_new, pad_id=tok.pad_id
-    )
-    right = [
-      tasks.is_correct(
-        r["task"],
-        r["prompt"],
-        tok.decode(generate.strip_after_eos(o, tok.eos_id)),
-      )
-      for r, o in zip(self.eval_records, outs, strict=True)
-    ]
-    return {"eval/task_accuracy": float(np.mean(right))}
+    return self.tasks.evaluate(apply_fn, params)

@@ -1,0 +1,447 @@
+"""Direct preference optimisation and its variants (one pure loss table).
+
+Inputs are per-sequence log-probabilities of the chosen and rejected
+completions, summed over completion tokens only (prompt and padding carry
+weight 0), under the policy and the reference. `config.dpo.loss_type`:
+
+  sigmoid  DPO (Rafailov et al. 2023); `label_smoothing` > 0 = cDPO
+  robust   rDPO (Chowdhury et al. 2024), unbiased under label noise
+  ipo      IPO (Azar et al. 2023), on length-averaged log-probs (as TRL)
+  hinge    SLiC-style hinge
+  dpop     DPO-Positive (Pal et al. 2024, "Smaug"): sigmoid DPO with a
+           penalty lambda * max(0, ref - policy log-prob of chosen) inside
+           the sigmoid, so the chosen answer cannot lose likelihood. Made
+           for pairs at a small edit distance, where plain DPO lowers both.
+  simpo    reference-free, length-normalised, target margin `simpo_gamma`
+  orpo     reference-free: NLL on chosen + beta * log-sigmoid(log odds ratio)
+
+`beta` enters each loss exactly once (see tests/test_dpo.py, numpy refs).
+Metrics use TRL's names: rewards/{chosen,rejected,accuracies,margins},
+logps/{chosen,rejected}; plus logps/accuracies (policy prefers chosen).
+
+The reference: with LoRA/QLoRA the frozen base with adapters off, through
+the same forward (no second copy); with full fine-tuning a frozen copy in
+the train state (no optimizer state) or, with `dpo.precompute_ref`, log-probs
+computed once before training and stored with the examples.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jft.data import pipeline
+from jft.data.jsonl import DataError
+from jft.objectives import base
+from jft.objectives.sft import TaskEval, fit, load_template
+from jft.peft import lora
+
+LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "dpop", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")
+LENGTH_NORMALISED = ("ipo", "simpo", "orpo")
+
+
+def preference_loss(
+  pc,
+  pr,
+  rc,
+  rr,
+  nc,
+  nr,
+  *,
+  loss_type,
+  beta,
+  label_smoothing=0.0,
+  simpo_gamma=0.5,
+  rpo_alpha=0.0,
+  dpop_lambda=50.0,
+):
+  """Per-pair losses and implicit rewards.
+
+  pc/pr: policy log-probs (sums) of chosen/rejected [P]; rc/rr: reference
+  log-probs [P] (ignored by reference-free losses); nc/nr: completion token
+  counts [P]. `rpo_alpha` adds alpha * (chosen NLL per token) (RPO, Pang et
+  al. 2024; TRL's `rpo_alpha`). Returns (losses, chosen_rewards,
+  rejected_rewards), each [P].
+  """
+  ls = label_smoothing
+  nll_chosen = -pc / jnp.maximum(nc, 1.0)  # before any normalisation below
+  if loss_type in LENGTH_NORMALISED:
+    nc1, nr1 = jnp.maximum(nc, 1.0), jnp.maximum(nr, 1.0)
+    pc, pr = pc / nc1, pr / nr1
+    if loss_type == "ipo":
+      rc, rr = rc / nc1, rr / nr1
+  if loss_type in REFERENCE_FREE:
+    chosen_r, rejected_r = beta * pc, beta * pr
+  else:
+    chosen_r, rejected_r = beta * (pc - rc), beta * (pr - rr)
+  logits = (pc - pr) - (0.0 if loss_type in REFERENCE_FREE else (rc - rr))
+  if loss_type == "sigmoid":
+    losses = -jax.nn.log_sigmoid(beta * logits) * (1 - ls) - (
+      jax.nn.log_sigmoid(-beta * logits) * ls
+    )
+  elif loss_type == "robust":
+    losses = (
+      -jax.nn.log_sigmoid(beta * logits) * (1 - ls)
+      + jax.nn.log_sigmoid(-beta * logits) * ls
+    ) / (1 - 2 * ls)
+  elif loss_type == "ipo":
+    losses = (logits - 1 / (2 * beta)) ** 2
+  elif loss_type == "hinge":
+    losses = jax.nn.relu(1 - beta * logits)
+  elif loss_type == "dpop":
+    z = logits - dpop_lambda * jax.nn.relu(rc - pc)
+    losses = -jax.nn.log_sigmoid(beta * z) * (1 - ls) - (
+      jax.nn.log_sigmoid(-beta * z) * ls
+    )
+  elif loss_type == "simpo":
+    z = logits - simpo_gamma / beta
+    losses = -jax.nn.log_sigmoid(beta * z) * (1 - ls) - (
+      jax.nn.log_sigmoid(-beta * z) * ls
+    )
+  elif loss_type == "orpo":
+
+    def log1m_exp(x):  # log(1 - e^x) for x < 0
+      return jnp.log1p(-jnp.exp(jnp.minimum(x, -1e-6)))
+
+    log_odds = (pc - pr) - (log1m_exp(pc) - log1m_exp(pr))
+    losses = -pc - beta * jax.nn.log_sigmoid(log_odds)  # NLL + odds term
+  else:
+    raise ValueError(
+      f"config.dpo.loss_type: unknown {loss_type!r}; expected one of "
+      f"{LOSS_TYPES}"
+    )
+  if rpo_alpha:
+    losses = losses + rpo_alpha * nll_chosen
+  return losses, chosen_r, rejected_r
+
+
+def sequence_logps(logits, targets, weights):
+  """Summed log-prob of weighted targets per row: ([N], token counts [N])."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [N,T,V]
+  tok = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  w = weights.astype(jnp.float32)  # [N, T]
+  return jnp.sum(tok * w, axis=-1), jnp.sum(w, axis=-1)
+
+
+def _messages_text(msgs, template, where, field):
+  out = ""
+  for i, m in enumerate(msgs):
+    if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+      raise DataError(f"{where}: field '{field}[{i}]' needs a string content")
+    if m.get("role") not in template:
+      raise DataError(
+        f"{where}: field '{field}[{i}].role' is {m.get('role')!r}; the chat "
+        f"template knows {sorted(template)}"
+      )
+    pre, suf = template[m["role"]]
+    out += pre + m["content"] + suf
+  return out
+
+
+def split_pair(record, template) -> tuple[str, str, str]:
+  """(prompt text, chosen text, rejected text) of one preference row.
+
+  Accepts `{"prompt","chosen","rejected"}` strings, the same with message
+  lists, or chosen/rejected full conversations sharing a prompt prefix.
+  """
+  where = getattr(record, "where", "?")
+  for field in ("chosen", "rejected"):
+    v = record.get(field)
+    if v is None or (isinstance(v, str | list) and not v):
+      raise DataError(f"{where}: field {field!r} is missing or empty")
+    if not isinstance(v, str | list):
+      raise DataError(f"{where}: field {field!r} must be a string or list")
+  ch, rj = record["chosen"], record["rejected"]
+  prompt = record.get("prompt")
+  if isinstance(ch, list):
+    if prompt is None:  # implicit prompt: the shared message prefix
+      k = 0
+      while k < min(len(ch), len(rj)) - 1 and ch[k] == rj[k]:
+        k += 1
+      prompt, ch, rj = ch[:k], ch[k:], rj[k:]
+    if isinstance(prompt, str):
+      prompt = [{"role": "user", "content": prompt}]
+    for field, msgs in (("chosen", ch), ("rejected", rj)):
+      if len(msgs) != 1 or msgs[0].get("role") != "assistant":
+        raise DataError(
+          f"{where}: field {field!r} must end in one assistant message"
+        )
+    pre = template["assistant"][0]
+    prompt_text = _messages_text(prompt, template, where, "prompt") + pre
+    ch_text, rj_text = ch[0].get("content"), rj[0].get("content")
+    if not isinstance(ch_text, str) or not isinstance(rj_text, str):
+      raise DataError(f"{where}: assistant messages need string content")
+  else:
+    if not isinstance(prompt, str):
+      raise DataError(f"{where}: missing or non-string field 'prompt'")
+    if not isinstance(rj, str):
+      raise DataError(f"{where}: 'chosen' and 'rejected' differ in type")
+    prompt_text, ch_text, rj_text = prompt, ch, rj
+  if not ch_text or not rj_text:
+    raise DataError(f"{where}: field 'chosen' or 'rejected' is empty")
+  if ch_text == rj_text:
+    raise DataError(f"{where}: fields 'chosen' and 'rejected' are identical")
+  return prompt_text, ch_text, rj_text
+
+
+def first_divergence(a, b) -> int:
+  """Index of the first token where two completions differ."""
+  k = 0
+  while k < min(len(a), len(b)) and a[k] == b[k]:
+    k += 1
+  return k
+
+
+def pair_example(prompt_ids, chosen_ids, rejected_ids, mask="full"):
+  """One pair as a pipeline example; rejected in `rej_*` fields.
+
+  Both sequences share the same prompt ids (the boundary is identical by
+  construction) and are padded to one length; ref log-probs, when
+  precomputed, go in `ref_c`/`ref_r` at index 0.
+
+  `mask='first_divergence'` (Step-DPO style, Lai et al. 2024: compare the
+  first wrong step, not what follows it): the shared completion prefix gets
+  weight 0 in both, the rejected side keeps only its first differing token
+  (the error), the chosen side its correct continuation from there. The
+  rejected tokens after an early error are often right given that error
+  (e.g. the rest of a copied string), and pushing them down teaches the
+  model to stop doing the task.
+  """
+  k = first_divergence(chosen_ids, rejected_ids)
+  seqs = []
+  for comp, rejected in ((chosen_ids, False), (rejected_ids, True)):
+    ids = prompt_ids + comp
+    w = np.ones(len(comp), np.float32)
+    if mask == "first_divergence":
+      w[:k] = 0.0
+      if rejected:
+        w[k + 1 :] = 0.0
+    elif mask != "full":
+      raise ValueError(
+        f"config.dpo.mask: unknown {mask!r}; expected 'full' or "
+        "'first_divergence'"
+      )
+    full = np.concatenate([np.zeros(len(prompt_ids), np.float32), w])
+    seqs.append(pipeline.causal_example(ids, full))
+  length = max(len(s["inputs"]) for s in seqs)
+
+  def pad(x):
+    return np.pad(x, (0, length - len(x)))
+
+  c, r = seqs
+  return {
+    "inputs": pad(c["inputs"]),
+    "targets": pad(c["targets"]),
+    "weights": pad(c["weights"]),
+    "rej_inputs": pad(r["inputs"]),
+    "rej_targets": pad(r["targets"]),
+    "rej_weights": pad(r["weights"]),
+    "ref_c": np.zeros(length, np.float32),
+    "ref_r": np.zeros(length, np.float32),
+  }
+
+
+class DPO(base.Objective):
+  """Preference optimisation over `{"prompt","chosen","rejected"}` rows."""
+
+  name = "dpo"
+  fields = ()
+  builtin_split = "pref"
+  packing = False  # one pair a row: chosen and rejected stay together
+  token_loss = False
+
+  def __init__(self, config, tokenizer):
+    super().__init__(config, tokenizer)
+    d = config.dpo
+    if d.loss_type not in LOSS_TYPES:
+      raise ValueError(
+        f"config.dpo.loss_type: unknown {d.loss_type!r}; expected one of "
+        f"{LOSS_TYPES}"
+      )
+    if d.loss_type == "robust" and not 0 <= d.label_smoothing < 0.5:
+      raise ValueError("config.dpo.label_smoothing must be in [0, 0.5)")
+    self.template = load_template(config.sft)
+    self.data_stats = {}
+    self.tasks = TaskEval(config, tokenizer)
+    if d.loss_type in REFERENCE_FREE:
+      self.reference = "none"
+    elif config.lora.rank > 0:
+      self.reference = "adapters_off"
+    elif d.precompute_ref:
+      self.reference = "precomputed"
+    else:
+      self.reference = "copy"
+
+  # Host side -------------------------------------------------------------
+  def make_examples(self, records, split="train"):
+    tok, seq = self.tokenizer, self.config.seq_len
+    out, counts = [], {"truncated": 0, "skipped": 0, "invalid": 0}
+    for r in records:
+      try:
+        p, c, j = split_pair(r, self.template)
+      except DataError:
+        if self.config.dpo.on_invalid != "skip":
+          raise
+        counts["invalid"] += 1
+        continue
+      p_ids = [tok.bos_id] + tok.encode(p)
+      comps = [tok.encode(c) + [tok.eos_id], tok.encode(j) + [tok.eos_id]]
+      longest = max(comps, key=len)
+      ids, mask, status = fit(
+        p_ids + longest,
+        [0.0] * len(p_ids) + [1.0] * len(longest),
+        seq + 1,
+        self.config.dpo.truncation,
+      )
+      if status == "skipped":
+        counts["skipped"] += 1
+        continue
+      if status == "truncated":
+        counts["truncated"] += 1
+        p_ids = ids[: len(ids) - len(longest)]
+      out.append(pair_example(p_ids, *comps, mask=self.config.dpo.mask))
+    for k, v in counts.items():
+      self.data_stats[f"data/{split}_{k}"] = v
+    self.data_stats[f"data/{split}_pairs"] = len(out)
+    if any(counts.values()):
+      print(
+        f"dpo {split}: of {len(records)} pairs, {counts['truncated']} had "
+        f"their prompt truncated, {counts['skipped']} were skipped as "
+        f"longer than seq_len + 1 = {seq + 1} tokens, {counts['invalid']} "
+        "were invalid and skipped"
+      )
+    if not out:
+      raise DataError(f"dpo {split}: no usable pairs")
+    return out
+
+  def reference_params(self, params):
+    """A frozen copy for full fine-tuning ('copy' mode), else nothing."""
+    if self.reference == "copy":
+      return jax.tree.map(jnp.copy, params)
+    return {}
+
+  def precompute(self, examples, apply_fn, params, run_batches):
+    """Stores reference log-probs with the examples ('precomputed' mode).
+
+    `run_batches(fn, batches)` runs a jitted `fn(params, batch)` over host
+    batches on the mesh and returns host results.
+    """
+    if self.reference != "precomputed":
+      return examples
+
+    def fn(p, batch):
+      pc, pr, _, _ = self._policy_logps(apply_fn, p, batch, None, False)
+      return pc, pr
+
+    bs = self.config.eval_batch_size
+    batches = pipeline.make_eval_batches(
+      examples,
+      seq_len=self.config.seq_len,
+      batch_size=bs,
+      pad_id=self.tokenizer.pad_id,
+      packing=False,
+    )
+    outs = run_batches(fn, params, batches)
+    pc = np.concatenate([o[0] for o in outs])[: len(examples)]
+    pr = np.concatenate([o[1] for o in outs])[: len(examples)]
+    done = []
+    for ex, c, r in zip(examples, pc, pr, strict=True):
+      ex = dict(ex)
+      ex["ref_c"] = ex["ref_c"].copy()
+      ex["ref_r"] = ex["ref_r"].copy()
+      ex["ref_c"][0], ex["ref_r"][0] = c, r
+      done.append(ex)
+    return done
+
+  def eval_setup(self, records):
+    self.tasks.setup(records)
+
+  def host_eval(self, apply_fn, params):
+    return self.tasks.evaluate(apply_fn, params)
+
+  def summary(self, first, last) -> str:
+    """Before/after table of the held-out preference and task metrics."""
+    rows = [
+      ("preference accuracy (policy log-probs)", "eval/logps/accuracies"),
+      ("preference accuracy (implicit reward)", "eval/rewards/accuracies"),
+      ("reward margin", "eval/rewards/margins"),
+      ("task accuracy (greedy)", "eval/task_accuracy"),
+    ]
+    lines = ["| held-out metric | before | after |", "| --- | --- | --- |"]
+    for label, key in rows:
+      if key in first and key in last:
+        lines.append(f"| {label} | {first[key]:.3f} | {last[key]:.3f} |")
+    return "\n".join(lines)
+
+  # Pure side -------------------------------------------------------------
+  def _policy_logps(self, apply_fn, params, batch, rng, train):
+    """Chosen and rejected through one batched forward."""
+    chex.assert_rank(batch["inputs"], 2)
+    two = lambda a, b: jnp.concatenate([a, b], axis=0)  # [2B, T]
+    logits = apply_fn(
+      params,
+      two(batch["inputs"], batch["rej_inputs"]),
+      two(batch["positions"], batch["positions"]),
+      two(batch["segment_ids"], batch["segment_ids"]),
+      rng=rng,
+      train=train,
+    )  # [2B, T, V]
+    lp, n = sequence_logps(
+      logits,
+      two(batch["targets"], batch["rej_targets"]),
+      two(batch["weights"], batch["rej_weights"]),
+    )
+    b = batch["inputs"].shape[0]
+    return lp[:b], lp[b:], n[:b], n[b:]
+
+  def loss(self, apply_fn, params, batch, rng, train, ref=None):
+    d = self.config.dpo
+    pc, pr, nc, nr = self._policy_logps(apply_fn, params, batch, rng, train)
+    if self.reference == "none":
+      rc = rr = jnp.zeros_like(pc)
+    elif self.reference == "precomputed":
+      rc, rr = batch["ref_c"][:, 0], batch["ref_r"][:, 0]
+    else:
+      ref_params = (
+        lora.zero_adapters(params) if self.reference == "adapters_off" else ref
+      )
+      rc, rr, _, _ = self._policy_logps(
+        apply_fn, jax.lax.stop_gradient(ref_params), batch, None, False
+      )
+    losses, cr, rj = preference_loss(
+      pc,
+      pr,
+      rc,
+      rr,
+      nc,
+      nr,
+      loss_type=d.loss_type,
+      beta=d.beta,
+      label_smoothing=d.label_smoothing,
+      simpo_gamma=d.simpo_gamma,
+      rpo_alpha=d.rpo_alpha,
+      dpop_lambda=d.dpop_lambda,
+    )
+    valid = (nc > 0).astype(jnp.float32)  # all-padding rows carry no pair
+    n = jnp.sum(valid)
+
+    def m(x):
+      return (jnp.sum(x * valid), n)
+
+    f32 = lambda x: x.astype(jnp.float32)
+    return (
+      jnp.sum(losses * valid),
+      n,
+      {
+        "rewards/chosen": m(cr),
+        "rewards/rejected": m(rj),
+        "rewards/accuracies": m(f32(cr > rj)),
+        "rewards/margins": m(cr - rj),
+        "logps/chosen": m(pc),
+        "logps/rejected": m(pr),
+        "logps/accuracies": m(f32(pc > pr)),
+      },
+    )

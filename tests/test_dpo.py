@@ -1,0 +1,306 @@
+"""DPO family: losses vs numpy by hand, data boundaries, references, runs."""
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from jft import train
+from jft.data.jsonl import DataError, Record
+from jft.data.tokenizer import Tokenizer
+from jft.objectives import dpo
+
+PC = np.array([-3.0, -10.0, -2.5, -7.0])
+PR = np.array([-4.0, -9.0, -2.5, -12.0])
+RC = np.array([-3.5, -9.5, -3.0, -6.0])
+RR = np.array([-3.6, -9.2, -2.0, -11.0])
+NC = np.array([2.0, 5.0, 1.0, 4.0])
+NR = np.array([3.0, 4.0, 1.0, 6.0])
+
+
+def logsig(x):
+  return -np.log1p(np.exp(-x))
+
+
+def numpy_reference(loss_type, beta, ls=0.0, gamma=0.5, rpo=0.0, lam=50.0):
+  """Each loss written out from its paper / TRL's formula, in numpy."""
+  pc, pr, rc, rr = PC, PR, RC, RR
+  if loss_type in ("ipo", "simpo", "orpo"):
+    pc, pr = PC / NC, PR / NR
+  if loss_type == "ipo":
+    rc, rr = RC / NC, RR / NR
+  h = (pc - rc) - (pr - rr)
+  if loss_type == "sigmoid":
+    loss = -(1 - ls) * logsig(beta * h) - ls * logsig(-beta * h)
+  elif loss_type == "robust":
+    loss = (-(1 - ls) * logsig(beta * h) + ls * logsig(-beta * h)) / (
+      1 - 2 * ls
+    )
+  elif loss_type == "ipo":
+    loss = (h - 1 / (2 * beta)) ** 2
+  elif loss_type == "hinge":
+    loss = np.maximum(0, 1 - beta * h)
+  elif loss_type == "dpop":
+    z = h - lam * np.maximum(0, rc - pc)
+    loss = -(1 - ls) * logsig(beta * z) - ls * logsig(-beta * z)
+  elif loss_type == "simpo":
+    z = beta * (pc - pr) - gamma
+    loss = -(1 - ls) * logsig(z) - ls * logsig(-z)
+  elif loss_type == "orpo":
+    odds = lambda p: p - np.log1p(-np.exp(p))  # log(p / (1 - p)), log space
+    loss = -pc - beta * logsig(odds(pc) - odds(pr))
+  loss = loss + rpo * (-PC / NC)
+  if loss_type in ("simpo", "orpo"):
+    return loss, beta * pc, beta * pr
+  return loss, beta * (pc - rc), beta * (pr - rr)
+
+
+@pytest.mark.parametrize(
+  "loss_type, kw",
+  [
+    ("sigmoid", {}),
+    ("sigmoid", {"label_smoothing": 0.2}),
+    ("robust", {"label_smoothing": 0.2}),
+    ("ipo", {}),
+    ("hinge", {}),
+    ("dpop", {"dpop_lambda": 5.0}),
+    ("simpo", {"simpo_gamma": 0.7}),
+    ("orpo", {}),
+    ("sigmoid", {"rpo_alpha": 0.5}),
+  ],
+)
+@pytest.mark.parametrize("beta", [0.1, 2.0])
+def test_losses_match_numpy(loss_type, kw, beta):
+  got = dpo.preference_loss(
+    *map(jnp.asarray, (PC, PR, RC, RR, NC, NR)),
+    loss_type=loss_type,
+    beta=beta,
+    **kw,
+  )
+  expect = numpy_reference(
+    loss_type,
+    beta,
+    ls=kw.get("label_smoothing", 0.0),
+    gamma=kw.get("simpo_gamma", 0.5),
+    rpo=kw.get("rpo_alpha", 0.0),
+    lam=kw.get("dpop_lambda", 50.0),
+  )
+  for g, e in zip(got, expect, strict=True):
+    np.testing.assert_allclose(np.asarray(g), e, rtol=1e-5, atol=1e-6)
+
+
+def test_beta_is_applied_exactly_once():
+  # one pair, margin h = (0 - -1) - (-1 - -1) = 1.0; beta = 0.5:
+  # loss = -log sigmoid(0.5) = 0.474077..., reward = 0.5 * 1.0
+  loss, cr, rr = dpo.preference_loss(
+    jnp.array([0.0]),
+    jnp.array([-1.0]),
+    jnp.array([-1.0]),
+    jnp.array([-1.0]),
+    jnp.array([1.0]),
+    jnp.array([1.0]),
+    loss_type="sigmoid",
+    beta=0.5,
+  )
+  assert float(loss[0]) == pytest.approx(math.log1p(math.exp(-0.5)), 1e-6)
+  assert float(cr[0]) == pytest.approx(0.5) and float(rr[0]) == 0.0
+  # IPO target margin is 1 / (2 beta): zero loss exactly there
+  loss, _, _ = dpo.preference_loss(
+    jnp.array([1.0]),
+    jnp.array([0.0]),
+    jnp.array([0.0]),
+    jnp.array([0.0]),
+    jnp.array([1.0]),
+    jnp.array([1.0]),
+    loss_type="ipo",
+    beta=0.5,
+  )
+  assert float(loss[0]) == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.fixture(scope="module")
+def obj(suite_dir):
+  config = tiny_config(suite_dir, objective="dpo")
+  tok = Tokenizer.load(config.data.tokenizer)
+  return dpo.DPO(config, tok)
+
+
+def _rec(d, where="prefs.jsonl:4"):
+  r = Record(d)
+  r.where = where
+  return r
+
+
+def test_prompt_boundary_is_the_same_for_chosen_and_rejected(obj):
+  tok = obj.tokenizer
+  (ex,) = obj.make_examples(
+    [_rec({"prompt": "add: 12 + 3 =", "chosen": " 15", "rejected": " 16 1"})]
+  )
+  p = [tok.bos_id] + tok.encode("add: 12 + 3 =")
+  n_p = len(p) - 1  # targets that are prompt tokens
+  for pre in ("", "rej_"):
+    np.testing.assert_array_equal(ex[pre + "inputs"][: len(p)], p)
+    w = ex[pre + "weights"]
+    assert not w[:n_p].any() and w[n_p] == 1.0
+  ids_c = ex["targets"][ex["weights"] > 0]
+  ids_r = ex["rej_targets"][ex["rej_weights"] > 0]
+  assert tok.decode(ids_c) == " 15" and ids_c[-1] == tok.eos_id
+  assert tok.decode(ids_r) == " 16 1" and ids_r[-1] == tok.eos_id
+  # the conversational forms give the same completions
+  msgs = {
+    "prompt": [{"role": "user", "content": "add: 12 + 3 ="}],
+    "chosen": [{"role": "assistant", "content": " 15"}],
+    "rejected": [{"role": "assistant", "content": " 16 1"}],
+  }
+  implicit = {
+    "chosen": msgs["prompt"] + msgs["chosen"],
+    "rejected": msgs["prompt"] + msgs["rejected"],
+  }
+  a = dpo.split_pair(_rec(msgs), obj.template)
+  b = dpo.split_pair(_rec(implicit), obj.template)
+  assert a == b and a[1:] == (" 15", " 16 1")
+  assert a[0].endswith(obj.template["assistant"][0])
+
+
+@pytest.mark.parametrize(
+  "row, what",
+  [
+    ({"prompt": "p", "chosen": "", "rejected": "b"}, "'chosen'"),
+    ({"prompt": "p", "chosen": "a"}, "'rejected'"),
+    ({"prompt": "p", "chosen": "a", "rejected": "a"}, "identical"),
+    ({"chosen": "a", "rejected": "b"}, "'prompt'"),
+  ],
+)
+def test_bad_pairs_name_file_and_line(obj, row, what):
+  with pytest.raises(DataError) as e:
+    obj.make_examples([_rec(row, "prefs.jsonl:9")])
+  assert "prefs.jsonl:9" in str(e.value) and what in str(e.value)
+
+
+def test_invalid_pairs_can_be_counted_skips(suite_dir, capsys):
+  config = tiny_config(suite_dir, objective="dpo")
+  config.dpo.on_invalid = "skip"
+  o = dpo.DPO(config, Tokenizer.load(config.data.tokenizer))
+  out = o.make_examples(
+    [
+      _rec({"prompt": "p", "chosen": "a", "rejected": "a"}),
+      _rec({"prompt": "p", "chosen": "a", "rejected": "b"}),
+    ]
+  )
+  assert len(out) == 1 and o.data_stats["data/train_invalid"] == 1
+  assert "invalid" in capsys.readouterr().out
+
+
+def test_objective_loss_matches_hand_computation(obj):
+  """Policy and reference log-probs summed by hand from the model logits."""
+  config, tok = obj.config, obj.tokenizer
+  from jft.data import pipeline
+  from jft.models import transformer
+
+  records = pipeline.read_jsonl_files(config.data.eval_files)[:6]
+  batch = pipeline.make_eval_batches(
+    obj.make_examples(records),
+    seq_len=config.seq_len,
+    batch_size=6,
+    pad_id=tok.pad_id,
+    packing=False,
+  )[0]
+  model = transformer.Transformer(train.resolve_model_config(config, tok))
+  init = lambda s: model.init(
+    jax.random.PRNGKey(s), jnp.zeros((1, 8), jnp.int32)
+  )["params"]
+  policy, ref = init(0), init(1)
+  apply_fn = train.make_apply_fn(model)
+  loss_sum, n, mets = obj.loss(apply_fn, policy, batch, None, False, ref=ref)
+
+  fwd = jax.jit(
+    lambda p, x: apply_fn(p, x, batch["positions"], batch["segment_ids"])
+  )
+
+  def seq_logp(p, pre):
+    logits = np.asarray(fwd(p, batch[pre + "inputs"]), np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    tok_lp = np.take_along_axis(logp, batch[pre + "targets"][..., None], -1)[
+      ..., 0
+    ]
+    return (tok_lp * batch[pre + "weights"]).sum(-1)
+
+  pc, pr = seq_logp(policy, ""), seq_logp(policy, "rej_")
+  rc, rr = seq_logp(ref, ""), seq_logp(ref, "rej_")
+  beta = config.dpo.beta
+  h = (pc - rc) - (pr - rr)
+  assert int(n) == 6
+  np.testing.assert_allclose(
+    float(loss_sum), -logsig(beta * h).sum(), rtol=1e-4
+  )
+  np.testing.assert_allclose(
+    float(mets["rewards/margins"][0]), (beta * h).sum(), rtol=1e-4, atol=1e-5
+  )
+  np.testing.assert_allclose(
+    float(mets["logps/chosen"][0]), pc.sum(), rtol=1e-4
+  )
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return [r["train/loss"] for r in rows if "train/loss" in r], rows
+
+
+def test_full_ft_reference_copy_equals_precomputed(suite_dir, tmp_path):
+  """Both references are the initial policy: identical training."""
+  runs = {}
+  for pre in (False, True):
+    config = tiny_config(
+      suite_dir,
+      config_file="configs/dpo.py",
+      total_steps=2,
+      eval_every=2,
+      checkpoint_every=2,
+    )
+    config.dpo.precompute_ref = pre
+    config.sft.max_eval_generations = 8
+    config.sft.max_new_tokens = 4
+    train.run(config, str(tmp_path / f"p{pre}"))
+    runs[pre] = _losses(str(tmp_path / f"p{pre}"))
+  np.testing.assert_allclose(runs[False][0], runs[True][0], rtol=1e-5)
+  assert runs[False][0][0] == pytest.approx(math.log(2), abs=1e-4)
+  rows = runs[True][1]
+  assert rows[0]["eval/rewards/accuracies"] == 0.0  # policy == reference
+  names = {
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+  }
+  for split in ("train", "eval"):
+    assert {f"{split}/{n}" for n in names} <= set(rows[-1])
+  assert os.path.exists(tmp_path / "pTrue" / "summary.md")
+
+
+@pytest.mark.parametrize("quant", ["", "nf4"])
+def test_lora_and_qlora_dpo_runs(suite_dir, tmp_path, quant):
+  """configs/dpo.py with LoRA / QLoRA by config keys (shrunk)."""
+  config = tiny_config(
+    suite_dir,
+    config_file="configs/dpo.py",
+    total_steps=2,
+    eval_every=0,
+    checkpoint_every=2,
+  )
+  config.lora.rank = 4
+  if quant:
+    config.quant.kind = quant
+    config.quant.block_size = 16
+  train.run(config, str(tmp_path / "w"))
+  losses, _ = _losses(str(tmp_path / "w"))
+  # adapters start at B = 0: the policy is the reference, loss = log 2
+  assert losses[0] == pytest.approx(math.log(2), abs=1e-4)
+  assert all(np.isfinite(losses))
