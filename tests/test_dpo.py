@@ -304,3 +304,23 @@ def test_lora_and_qlora_dpo_runs(suite_dir, tmp_path, quant):
   # adapters start at B = 0: the policy is the reference, loss = log 2
   assert losses[0] == pytest.approx(math.log(2), abs=1e-4)
   assert all(np.isfinite(losses))
+
+
+def test_first_divergence_mask_weights_the_error_token_only():
+  prompt, chosen, rejected = [2, 50, 51], [60, 61, 62, 3], [60, 70, 62, 3]
+  ex = dpo.pair_example(prompt, chosen, rejected, mask="first_divergence")
+  n = len(prompt) - 1  # targets before the completion
+  # chosen: from the first differing token (61) to eos
+  np.testing.assert_array_equal(ex["weights"][n:], [0, 1, 1, 1])
+  # rejected: only that token (70, the error)
+  np.testing.assert_array_equal(ex["rej_weights"][n:], [0, 1, 0, 0])
+  assert ex["rej_targets"][n + 1] == 70 and ex["targets"][n + 1] == 61
+  full = dpo.pair_example(prompt, chosen, rejected)
+  np.testing.assert_array_equal(full["rej_weights"][n:], [1, 1, 1, 1])
+  # a rejected answer that stops early: the error is its eos
+  short = dpo.pair_example(
+    prompt, [60, 61, 3], [60, 3], mask="first_divergence"
+  )
+  np.testing.assert_array_equal(short["rej_weights"][n : n + 2], [0, 1])
+  with pytest.raises(ValueError, match="config.dpo.mask"):
+    dpo.pair_example(prompt, chosen, rejected, mask="bogus")

@@ -60,13 +60,24 @@ QLORA_SPECS = {
   "frozen/lm_head/kernel_packed": ("fsdp", "tensor"),
   "frozen/embed/embedding": ("tensor", "fsdp"),
 }
-SPECS = {"clm": CLM_SPECS, "lora": LORA_SPECS, "qlora": QLORA_SPECS}
+DPO_SPECS = {  # full fine-tuning: the frozen reference shards like params
+  "trainable/layers/attn/q/kernel": (None, "fsdp", "tensor"),
+  "ref/layers/attn/q/kernel": (None, "fsdp", "tensor"),
+  "ref/lm_head/kernel": ("fsdp", "tensor"),
+}
+SPECS = {
+  "clm": CLM_SPECS,
+  "lora": LORA_SPECS,
+  "qlora": QLORA_SPECS,
+  "dpo": DPO_SPECS,
+}
 # CLM on all four meshes; LoRA-SFT on one and QLoRA-SFT (4-bit base + LoRA)
 # on two, so every mesh axis shards adapters and 4-bit leaves somewhere.
 RUNS = [("clm", m) for m in MESHES] + [
   ("lora", (2, 2, 2)),
   ("qlora", (2, 4, 1)),
   ("qlora", (1, 1, 8)),
+  ("dpo", (2, 2, 2)),
 ]
 
 
@@ -75,12 +86,12 @@ def _config(suite_dir, variant, mesh):
   every sharded dim divides by 8."""
   c = tiny_config(
     suite_dir,
-    "clm" if variant == "clm" else "sft",
+    {"clm": "clm", "dpo": "dpo"}.get(variant, "sft"),
     total_steps=STEPS,
     eval_every=0,
     checkpoint_every=STEPS,
   )
-  if variant != "clm":
+  if variant in ("lora", "qlora"):
     c.lora.rank = 4
     c.lora.save_adapters = False
   if variant == "qlora":
