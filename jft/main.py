@@ -15,7 +15,9 @@ metrics; every process reads its own shard of the data.
 from __future__ import annotations
 
 import os
+import sys
 import time
+import traceback
 from collections.abc import Mapping
 
 import jax
@@ -159,7 +161,19 @@ def main(argv):
         f"{jax.process_count()} processes, {jax.device_count()} devices "
         f"({jax.local_device_count()} per process)"
       )
-  train.run(config, workdir)
+  if jax.process_count() == 1:
+    train.run(config, workdir)
+    return
+  try:
+    train.run(config, workdir)
+  except BaseException:
+    # A failed process must exit now: JAX's graceful distributed shutdown
+    # would wait for peers that are blocked in a collective with it, and
+    # the launcher only sees failures of processes that exit.
+    traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 if __name__ == "__main__":

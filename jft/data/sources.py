@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import os
 
+import jax
+
+from jft import sharding
 from jft.data import pipeline, tasks
-from jft.data.tokenizer import Tokenizer, train_tokenizer
+from jft.data.tokenizer import Tokenizer, train_tokenizer, write_bytes_atomic
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -22,13 +25,21 @@ def data_files(config, workdir: str, kind: str) -> tuple[str, str]:
   if d.train_files:
     return d.train_files, d.eval_files
   b = d.builtin
-  paths = tasks.write_suite(
-    os.path.join(workdir, "data"),
-    tasks=tuple(t for t in b.tasks.split(",") if t),
-    n_train=b.n_train,
-    n_eval=b.n_eval,
-    seed=b.seed,
-  )
+
+  def write():
+    return tasks.write_suite(
+      os.path.join(workdir, "data"),
+      tasks=tuple(t for t in b.tasks.split(",") if t),
+      n_train=b.n_train,
+      n_eval=b.n_eval,
+      seed=b.seed,
+    )
+
+  # Process 0 writes; the others wait, then find it written (idempotent).
+  if jax.process_index() == 0:
+    write()
+  sharding.sync("jft_builtin_suite")
+  paths = write()
   return paths[f"{kind}_train"], paths[f"{kind}_eval"]
 
 
@@ -59,11 +70,8 @@ def load_tokenizer(config, workdir: str, train_spec: str) -> Tokenizer:
   """
   tok = _find_tokenizer(config, workdir, train_spec)
   own = os.path.join(workdir, TOKENIZER_FILE)
-  if not os.path.exists(own):
-    tmp = own + ".tmp"
-    with open(tmp, "wb") as f:
-      f.write(tok.model_proto)
-    os.replace(tmp, own)
+  if jax.process_index() == 0 and not os.path.exists(own):
+    write_bytes_atomic(own, tok.model_proto)  # unique temp name + rename
   return tok
 
 

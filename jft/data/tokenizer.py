@@ -160,7 +160,7 @@ def _file_lines(path: str, field: str | None) -> Iterator[str]:
       yield record[field]
 
 
-def _write_bytes_atomic(path: str, data: bytes) -> None:
+def write_bytes_atomic(path: str, data: bytes) -> None:
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
@@ -221,7 +221,7 @@ def train_tokenizer(
   )
   proto = buf.getvalue()
   tok = Tokenizer(proto, name=output_path)
-  _write_bytes_atomic(output_path, proto)
+  write_bytes_atomic(output_path, proto)
   return tok
 
 
