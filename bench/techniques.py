@@ -71,6 +71,8 @@ def worker(args) -> dict:
     config.lora.save_adapters = False
   else:
     config.eval_every = args.steps
+    # mini's MLP width (352) is not a multiple of 64
+    config.quant.block_size = args.quality_block
   workdir = tempfile.mkdtemp(prefix=f"jft-bench-{args.tech}-")
   train.run(config, workdir)
   rows = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -123,6 +125,7 @@ def main():
   ap.add_argument("--part", default="quality")
   ap.add_argument("--preset", default="mini")
   ap.add_argument("--steps", type=int, default=300)
+  ap.add_argument("--quality_block", type=int, default=32)
   ap.add_argument("--quality_preset", default="mini")
   ap.add_argument("--quality_steps", type=int, default=300)
   ap.add_argument("--cost_steps", type=int, default=8)
@@ -153,7 +156,7 @@ def main():
     c, q = cost[t], quality[t]
     ratio = c["frozen_bytes"] / bf16_base if c["frozen_bytes"] else 0.0
     print(
-      f"| {t} | {c['trainable']:,} ({100 * c['trainable'] / base:.2f}%) | "
+      f"| {t} | {int(c['trainable']):,} ({100 * c['trainable'] / base:.2f}%) | "
       f"{_mb(c['param_bytes'] + c['opt_bytes'])} | {ratio:.3f} | "
       f"{c['peak_rss_mb']:,.0f} MB | {c['step_s']:.3f} s | "
       f"{q['eval_loss']:.4f} | {q['task_accuracy']:.3f} |"

@@ -6,7 +6,9 @@ so a crash mid-save never leaves a half-written step that looks finished.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 
 import grain
@@ -92,6 +94,19 @@ def _abstract_from_metadata(tree_meta, mesh):
   return jax.tree.map(leaf, tree_meta, is_leaf=lambda x: hasattr(x, "shape"))
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+  """Hides orbax's expected warnings for a read-only, params-only restore
+  (read-only directory, the data item left unrestored)."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
 def load_params(workdir: str, mesh, step: int | None = None) -> dict:
   """Full parameter tree (trainable + frozen) of another jft run.
 
@@ -103,11 +118,14 @@ def load_params(workdir: str, mesh, step: int | None = None) -> dict:
     raise FileNotFoundError(
       f"config.init: no checkpoints/ directory in {workdir!r}"
     )
-  with ocp.CheckpointManager(
-    directory,
-    options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-    item_handlers={"state": ocp.PyTreeCheckpointHandler()},
-  ) as mngr:
+  with (
+    _quiet_absl(),
+    ocp.CheckpointManager(
+      directory,
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+    ) as mngr,
+  ):
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"config.init: no checkpoint in {directory!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,9 +41,16 @@ def load_config_file(spec: str):
 
 def stage_workdir(spec: str, config) -> tuple[str, object]:
   """(cached workdir, stage config) for a `run:` spec."""
+  from jft.models.presets import PRESETS
+
   stage = load_config_file(spec)
   stage.stage_cache = cache_root(config)
-  key = hashlib.sha256(stage.to_json(sort_keys=True).encode()).hexdigest()
+  # The preset's shape is part of the key: editing a preset must not reuse
+  # a run made with the old shape.
+  payload = stage.to_json(sort_keys=True) + json.dumps(
+    PRESETS.get(stage.model.preset, {}), sort_keys=True
+  )
+  key = hashlib.sha256(payload.encode()).hexdigest()
   name = os.path.splitext(os.path.basename(spec.partition(":")[0]))[0]
   return os.path.join(cache_root(config), f"{name}-{key[:12]}"), stage
 

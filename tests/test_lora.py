@@ -243,3 +243,11 @@ def test_adapter_run_trains_only_adapters(suite_dir, tmp_path, kind):
     assert json.load(f)["r"] == 4
   if not kind:
     assert os.path.exists(os.path.join(workdir, "merged", "config.json"))
+
+
+def test_quant_block_that_does_not_divide_names_the_kernel():
+  cfg = dataclasses.replace(
+    LORA, quant_kind="nf4", quant_table=TABLE, quant_block_size=64
+  )  # d_model is 32
+  with pytest.raises(ValueError, match=r"layers/attn/q/kernel.*block_size"):
+    _init(cfg)

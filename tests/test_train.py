@@ -218,3 +218,19 @@ def test_cli_default_config_runs_end_to_end(tmp_path):
     cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600
   )
   assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_stage_cache_key_follows_config_and_preset(tmp_path, monkeypatch):
+  from jft import config as base
+  from jft import stages
+  from jft.models import presets
+
+  c = base.base_config()
+  c.stage_cache = str(tmp_path)
+  a, _ = stages.stage_workdir("configs/pretrain_clm.py", c)
+  assert a.startswith(str(tmp_path)) and "pretrain_clm-" in a
+  assert stages.stage_workdir("configs/pretrain_clm.py", c)[0] == a
+  assert stages.stage_workdir("configs/pretrain_clm.py:mini", c)[0] != a
+  changed = dict(presets.PRESETS["tiny"], d_model=96)
+  monkeypatch.setitem(presets.PRESETS, "tiny", changed)
+  assert stages.stage_workdir("configs/pretrain_clm.py", c)[0] != a

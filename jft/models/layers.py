@@ -114,6 +114,12 @@ class Linear(nn.Module):
         self.param_dtype,
       )
       return kernel.astype(self.dtype)
+    if in_features % p.quant_block_size or in_features % 2:
+      raise ValueError(
+        f"{path}/kernel: contraction dim {in_features} is not divisible by "
+        f"config.quant.block_size={p.quant_block_size}; pick a block size "
+        "that divides it or keep this kernel float in config.quant.table"
+      )
     shapes = quant.quantized_shapes(
       (in_features, self.features),
       block_size=p.quant_block_size,
