@@ -101,14 +101,6 @@ def make_apply_fn(model: nn.Module):
   return apply_fn
 
 
-def _tree_bytes(tree) -> int:
-  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
-
-
-def _tree_count(tree) -> int:
-  return int(sum(x.size for x in jax.tree.leaves(tree)))
-
-
 def _shard_eval(batches: list[dict], pad_id: int) -> list[dict]:
   """This process's eval batches, equal in count across processes."""
   n, i = jax.process_count(), jax.process_index()
@@ -349,12 +341,12 @@ def run(
   )
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   accounting = {
-    "params/trainable": _tree_count(state.trainable),
-    "params/frozen": _tree_count(state.frozen),
-    "params/trainable_bytes": _tree_bytes(state.trainable),
-    "params/frozen_bytes": _tree_bytes(state.frozen),
-    "params/opt_state_bytes": _tree_bytes(state.opt_state),
-    "params/reference_bytes": _tree_bytes(state.ref),
+    "params/trainable": transformer.param_count(state.trainable),
+    "params/frozen": transformer.param_count(state.frozen),
+    "params/trainable_bytes": transformer.param_bytes(state.trainable),
+    "params/frozen_bytes": transformer.param_bytes(state.frozen),
+    "params/opt_state_bytes": transformer.param_bytes(state.opt_state),
+    "params/reference_bytes": transformer.param_bytes(state.ref),
   }
   if primary:
     labels = {p: "trainable" for p in flat_paths(state.trainable)}

@@ -67,7 +67,7 @@ def test_chat_template_trains_assistant_turns_only(setup):
   assert trained == " a b a b"
   assert int(np.sum(ids[w > 0] == tok.eos_id)) == 2  # one eos per answer
   # The template is data: the prefixes appear untrained in the sequence.
-  assert "<|user|>" in tok.decode(ids) or "user" in tok.decode(ids)
+  assert "<|user|>\nagain\n<|assistant|>\n" in tok.decode(ids)
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,12 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from jft.peft import quant
+from jft.state import flat_paths
+
+
+def unflatten(flat: dict) -> dict:
+  return traverse_util.unflatten_dict(flat, sep="/")
+
 
 # Module-path regexes for the usual target sets (paths look like
 # `layers/attn/q`, or `layers_3/mlp/up` when layers are not scanned).
@@ -60,20 +66,12 @@ def check_targets(regex: str, base_params: Mapping) -> list[str]:
   return hit
 
 
-def _flat(tree):
-  return traverse_util.flatten_dict(dict(tree), sep="/")
-
-
-def _unflat(flat):
-  return traverse_util.unflatten_dict(flat, sep="/")
-
-
 def adapters(params: Mapping) -> dict:
   """Only the LoRA leaves (what `save_adapters` writes)."""
-  return _unflat(
+  return unflatten(
     {
       p: v
-      for p, v in _flat(params).items()
+      for p, v in flat_paths(params).items()
       if p.rsplit("/", 1)[-1] in LORA_LEAVES
     }
   )
@@ -81,10 +79,10 @@ def adapters(params: Mapping) -> dict:
 
 def zero_adapters(params: Mapping) -> dict:
   """Same tree with every `lora_b` zeroed: the frozen base's function."""
-  return _unflat(
+  return unflatten(
     {
       p: jnp.zeros_like(v) if p.endswith("/lora_b") else v
-      for p, v in _flat(params).items()
+      for p, v in flat_paths(params).items()
     }
   )
 
@@ -123,7 +121,7 @@ def merge(params: Mapping, cfg) -> dict:
     lora_alpha=cfg.lora_alpha,
     lora_rslora=cfg.lora_rslora,
   ).lora_scale
-  flat = _flat(params)
+  flat = flat_paths(params)
   modules = sorted(
     {
       p.rsplit("/", 1)[0]
@@ -143,7 +141,7 @@ def merge(params: Mapping, cfg) -> dict:
     if f"{m}/lora_a" in flat:
       w = w + _delta(flat[f"{m}/lora_a"], flat[f"{m}/lora_b"], scale)
     out[f"{m}/kernel"] = w.astype(dtype)
-  return _unflat(out)
+  return unflatten(out)
 
 
 def unmerge(merged: Mapping, adapter_tree: Mapping, cfg) -> dict:
@@ -155,7 +153,7 @@ def unmerge(merged: Mapping, adapter_tree: Mapping, cfg) -> dict:
     lora_alpha=cfg.lora_alpha,
     lora_rslora=cfg.lora_rslora,
   ).lora_scale
-  flat, ad = _flat(merged), _flat(adapter_tree)
+  flat, ad = flat_paths(merged), flat_paths(adapter_tree)
   out = dict(flat)
   for p, a in ad.items():
     if p.endswith("/lora_a"):
@@ -165,7 +163,7 @@ def unmerge(merged: Mapping, adapter_tree: Mapping, cfg) -> dict:
         flat[f"{m}/kernel"].dtype
       )
   out.update(ad)
-  return _unflat(out)
+  return unflatten(out)
 
 
 def base_config(cfg):
@@ -190,7 +188,7 @@ def peft_adapter_tensors(params: Mapping, cfg) -> dict[str, jax.Array]:
     "down": "mlp.down_proj",
   }
   out = {}
-  for path, v in _flat(adapters(params)).items():
+  for path, v in flat_paths(adapters(params)).items():
     parts = path.split("/")
     leaf = {"lora_a": "lora_A", "lora_b": "lora_B"}[parts[-1]]
     if parts[0] == "lm_head":
@@ -246,7 +244,7 @@ def check_quant_table(
   """Kernel paths the table quantizes; errors name unmatched/invalid leaves."""
   compiled = [(re.compile(rx), label) for rx, label in table]
   unmatched, bad, hit = [], [], []
-  for path in _flat(base_params):
+  for path in flat_paths(base_params):
     label = next((lb for rx, lb in compiled if rx.fullmatch(path)), None)
     if label is None:
       unmatched.append(path)
