@@ -11,7 +11,7 @@ Two parts, each technique in its own process (so peak RSS is its own):
   RSS and median step time after warm-up.
 
   python bench/techniques.py [--quality_preset mini] [--quality_steps 300]
-      [--cost_steps 8] [--json out.json]
+      [--cost_steps 8 (0: quality only)] [--json out.json]
 Not a test: it prints figures.
 """
 
@@ -142,6 +142,12 @@ def main():
     t: run_worker(t, "quality", args.quality_preset, args.quality_steps)
     for t in techs
   }
+  if not args.cost_steps:  # --cost_steps=0: the quality part alone
+    print("| technique | eval/loss | task accuracy |\n| --- | --- | --- |")
+    for t in techs:
+      q = quality[t]
+      print(f"| {t} | {q['eval_loss']:.4f} | {q['task_accuracy']:.3f} |")
+    return
   cost = {t: run_worker(t, "cost", "tiny", args.cost_steps) for t in techs}
   base = cost[techs[0]]["trainable"] + cost[techs[0]]["frozen"]
   bf16_base = 2 * (cost["full"]["trainable"] if "full" in cost else base)

@@ -82,7 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_epochs = config_dict.placeholder(int)  # None = repeat
   c.data.packing = True
   c.data.builtin = ml_collections.ConfigDict(
-    dict(tasks="add,copy,reverse,sort", n_train=20000, n_eval=200, seed=0)
+    dict(tasks="add,copy,reverse,sort", n_train=8000, n_eval=200, seed=0)
   )
 
   # Supervised fine-tuning on {"prompt","completion"} or {"messages"} rows.
@@ -134,6 +134,14 @@ def base_config() -> ml_collections.ConfigDict:
       precompute_ref=False,
       truncation="truncate_prompt",  # or 'skip'; counted and reported
       on_invalid="error",  # empty/missing/identical chosen-rejected: or 'skip'
+      # Built-in pairs (data.train_files == ''): 'on_policy' = the starting
+      # model's own wrong answers to suite prompts (greedy, then
+      # `mine_samples` draws at `mine_temperature`) against the true ones,
+      # mined once into WORKDIR/data; 'synthetic' = made-up near misses.
+      builtin_pairs="on_policy",
+      mine_prompts=8000,  # training prompts to mine (0 = all); eval: all
+      mine_samples=2,
+      mine_temperature=1.0,
     )
   )
 

@@ -1,4 +1,4 @@
-"""Greedy decoding for evaluation (task accuracy of SFT/DPO runs).
+"""Decoding: greedy for evaluation, sampling for on-policy DPO pairs.
 
 A fixed [B, max_len] buffer is re-run through the model each step (no KV
 cache): simple, one compile per shape, and cheap at the sizes jft evaluates
@@ -15,16 +15,35 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def make_greedy(
-  apply_fn, *, max_new: int, eos_id: int, pad_id: int, vocab_size: int
-):
-  """Returns jitted `gen(params, tokens [B, L], lengths [B]) -> [B, max_new]`.
+def pick(logits: jax.Array, key, temperature: float) -> jax.Array:
+  """Next token from [B, V] logits: argmax, or a softmax(logits / T) draw.
 
-  Tokens after a row's eos are `pad_id`. Only ids below `vocab_size` (the
-  tokenizer's; the model's embedding may be padded beyond it) are chosen.
+  Sampling is Gumbel-max: argmax(logits / T + Gumbel noise) is distributed
+  as softmax(logits / T), with no cumulative sums or sorting.
+  """
+  if temperature > 0:
+    gumbel = jax.random.gumbel(key, logits.shape, jnp.float32)
+    logits = logits.astype(jnp.float32) / temperature + gumbel
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def make_decoder(
+  apply_fn,
+  *,
+  max_new: int,
+  eos_id: int,
+  pad_id: int,
+  vocab_size: int,
+  temperature: float = 0.0,
+):
+  """Returns jitted `gen(params, tokens [B, L], lengths [B], key)`.
+
+  The result is [B, max_new]; tokens after a row's eos are `pad_id`. Only
+  ids below `vocab_size` (the tokenizer's; the model's embedding may be
+  padded beyond it) are chosen. `temperature=0` is greedy and ignores `key`.
   """
 
-  def gen(params, tokens, lengths):
+  def gen(params, tokens, lengths, key):
     b, length = tokens.shape
     idx = jnp.arange(length, dtype=jnp.int32)[None, :]  # [1, L]
     positions = jnp.broadcast_to(idx, (b, length))
@@ -37,7 +56,8 @@ def make_greedy(
       logits = apply_fn(params, toks, positions, seg)  # [B, L, V]
       last = jnp.take_along_axis(logits, (cur - 1)[:, None, None], axis=1)
       last = last[:, 0, :vocab_size]  # [B, V_tok]
-      nxt = jnp.argmax(last, axis=-1).astype(jnp.int32)  # [B]
+      step_key = None if temperature <= 0 else jax.random.fold_in(key, i)
+      nxt = pick(last, step_key, temperature)  # [B]
       nxt = jnp.where(done, pad_id, nxt)
       out = out.at[:, i].set(nxt)
       at = idx == cur[:, None]  # [B, L]
@@ -53,17 +73,26 @@ def make_greedy(
   return jax.jit(gen)
 
 
-def greedy_generate(
+def make_greedy(apply_fn, **kwargs):
+  """`make_decoder` at temperature 0 (deterministic; `key` may be None)."""
+  return make_decoder(apply_fn, temperature=0.0, **kwargs)
+
+
+def decode(
   gen,
   params,
   prompts: Sequence[Sequence[int]],
   *,
   max_new: int,
   pad_id: int,
+  key=None,
   batch_size: int = 128,
   bucket: int = 16,
 ) -> list[list[int]]:
-  """Generates for token-id prompts in fixed-shape batches (few compiles)."""
+  """Runs `gen` over token-id prompts in fixed-shape batches (few compiles).
+
+  Sampling decoders need `key`; batch i draws with `fold_in(key, i)`.
+  """
   longest = max(len(p) for p in prompts)
   length = -(-(longest + max_new) // bucket) * bucket
   outs = []
@@ -75,7 +104,8 @@ def greedy_generate(
     for i, p in enumerate(chunk):
       toks[i, : len(p)] = p
     lengths = np.array([len(p) for p in chunk], np.int32)
-    got = np.asarray(jax.device_get(gen(params, toks, lengths)))[:n]
+    k = None if key is None else jax.random.fold_in(key, start // batch_size)
+    got = np.asarray(jax.device_get(gen(params, toks, lengths, k)))[:n]
     outs.extend(got.tolist())
   return outs
 

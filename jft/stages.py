@@ -41,15 +41,18 @@ def load_config_file(spec: str):
 
 def stage_workdir(spec: str, config) -> tuple[str, object]:
   """(cached workdir, stage config) for a `run:` spec."""
+  from jft.data import tasks
   from jft.models.presets import PRESETS
 
   stage = load_config_file(spec)
   stage.stage_cache = cache_root(config)
-  # The preset's shape is part of the key: editing a preset must not reuse
-  # a run made with the old shape.
+  # The preset's shape and the built-in suite's format are part of the key:
+  # editing either must not reuse a run made with the old one.
   payload = stage.to_json(sort_keys=True) + json.dumps(
     PRESETS.get(stage.model.preset, {}), sort_keys=True
   )
+  if not stage.data.train_files:
+    payload += f"suite-format-{tasks.FORMAT_VERSION}"
   key = hashlib.sha256(payload.encode()).hexdigest()
   name = os.path.splitext(os.path.basename(spec.partition(":")[0]))[0]
   return os.path.join(cache_root(config), f"{name}-{key[:12]}"), stage

@@ -241,14 +241,6 @@ def run(
   )
   tokenizer = sources.load_tokenizer(config, workdir, train_spec)
   objective = objective_cls(config, tokenizer)
-  train_examples = objective.make_examples(
-    pipeline.read_jsonl_files(train_spec, objective.fields)
-  )
-  eval_examples = []
-  if eval_spec:
-    eval_records = pipeline.read_jsonl_files(eval_spec, objective.fields)
-    eval_examples = objective.make_examples(eval_records, split="eval")
-    objective.eval_setup(eval_records)
   n_proc = jax.process_count()
   if config.batch_size % n_proc:
     raise ValueError(
@@ -267,6 +259,20 @@ def run(
     logging.info("model: %s", model_cfg)
   params = init_params(config, model_cfg, mesh, rules)
   apply_fn = make_apply_fn(model)
+
+  # Examples (after the model: some data is made with it, e.g. DPO's
+  # on-policy pairs).
+  train_spec, eval_spec = objective.prepare_data(
+    train_spec, eval_spec, workdir=workdir, apply_fn=apply_fn, params=params
+  )
+  train_examples = objective.make_examples(
+    pipeline.read_jsonl_files(train_spec, objective.fields)
+  )
+  eval_examples = []
+  if eval_spec:
+    eval_records = pipeline.read_jsonl_files(eval_spec, objective.fields)
+    eval_examples = objective.make_examples(eval_records, split="eval")
+    objective.eval_setup(eval_records)
 
   # Objective passes over the data with the initial params (e.g. DPO's
   # reference log-probs), then the input pipelines.

@@ -329,3 +329,23 @@ def test_first_divergence_mask_weights_the_error_token_only():
   np.testing.assert_array_equal(short["rej_weights"][n : n + 2], [0, 1])
   with pytest.raises(ValueError, match="config.dpo.mask"):
     dpo.pair_example(prompt, chosen, rejected, mask="bogus")
+
+
+def test_summary_table_before_and_after(obj):
+  first = {
+    "eval/rewards/accuracies": 0.0,
+    "eval/task_accuracy": 0.5,
+    "eval/task_accuracy/add": 0.25,
+  }
+  last = {
+    "eval/rewards/accuracies": 0.9375,
+    "eval/task_accuracy": 0.75,
+    "eval/task_accuracy/add": 0.5,
+  }
+  assert obj.summary(first, last).splitlines() == [
+    "| held-out metric | before | after |",
+    "| --- | --- | --- |",
+    "| preference accuracy (implicit reward) | 0.000 | 0.938 |",
+    "| task accuracy (greedy) | 0.500 | 0.750 |",
+    "| task accuracy: add | 0.250 | 0.500 |",
+  ]

@@ -167,7 +167,7 @@ def test_greedy_generation_matches_naive_loop(setup):
   )
   prompts = [[tok.bos_id, 10, 11, 12], [tok.bos_id, 20], [tok.bos_id, 7, 8, 9]]
   naive = jax.jit(lambda t: apply_fn(p, t, None, None)[0, -1])
-  got = generate.greedy_generate(
+  got = generate.decode(
     gen, p, prompts, max_new=5, pad_id=tok.pad_id, batch_size=2
   )
   for prompt, out in zip(prompts, got, strict=True):
@@ -190,3 +190,29 @@ def test_sft_run_logs_task_accuracy(suite_dir, tmp_path):
   last = train.run(config, str(tmp_path / "w"))
   assert 0.0 <= last["eval/task_accuracy"] <= 1.0
   assert np.isfinite(last["eval/loss"])
+
+
+def test_task_accuracy_overall_and_per_task(setup, monkeypatch):
+  config, tok, _ = setup
+  ev = sft.TaskEval(config, tok)
+  ev.setup(
+    [
+      {"task": "add", "prompt": "add: 1 + 2 ="},
+      {"task": "add", "prompt": "add: 5 + 5 ="},
+      {"task": "sort", "prompt": "sort: b a ="},
+      {"prompt": "no task: not scored"},
+    ]
+  )
+  answers = [" 3", " 11", " a b"]  # right, wrong, right
+  monkeypatch.setattr(generate, "make_greedy", lambda *a, **k: None)
+  monkeypatch.setattr(
+    generate,
+    "decode",
+    lambda *a, **k: [tok.encode(t) + [tok.eos_id] for t in answers],
+  )
+  got = ev.evaluate(None, None)
+  assert got == {
+    "eval/task_accuracy": pytest.approx(2 / 3),
+    "eval/task_accuracy/add": 0.5,
+    "eval/task_accuracy/sort": 1.0,
+  }

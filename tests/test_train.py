@@ -220,9 +220,10 @@ def test_cli_default_config_runs_end_to_end(tmp_path):
   assert again.returncode == 0 and "already finished" in again.stdout
 
 
-def test_stage_cache_key_follows_config_and_preset(tmp_path, monkeypatch):
+def test_stage_cache_key_follows_config_preset_and_suite(tmp_path, monkeypatch):
   from jft import config as base
   from jft import stages
+  from jft.data import tasks
   from jft.models import presets
 
   c = base.base_config()
@@ -233,4 +234,8 @@ def test_stage_cache_key_follows_config_and_preset(tmp_path, monkeypatch):
   assert stages.stage_workdir("configs/pretrain_clm.py:mini", c)[0] != a
   changed = dict(presets.PRESETS["tiny"], d_model=96)
   monkeypatch.setitem(presets.PRESETS, "tiny", changed)
-  assert stages.stage_workdir("configs/pretrain_clm.py", c)[0] != a
+  b, _ = stages.stage_workdir("configs/pretrain_clm.py", c)
+  assert b != a
+  # a new built-in suite format retrains stages that trained on the suite
+  monkeypatch.setattr(tasks, "FORMAT_VERSION", tasks.FORMAT_VERSION + 1)
+  assert stages.stage_workdir("configs/pretrain_clm.py", c)[0] != b

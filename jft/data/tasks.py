@@ -14,13 +14,15 @@ merges; digits are split into single tokens by the tokenizer):
   copy     "copy: q x b ="        " q x b"      "q x b"
   reverse  "reverse: a b c d ="   " d c b a"    "d c b a"
   sort     "sort: d a c ="        " a c d"      "a c d"
-  add      "add: 12 + 345 ="      " 357"        "357"
+  add      "add: 12 + 45 ="       " 57"         "57"
 
-Strings have 3-8 lowercase letters; addends have 1-3 digits (the digit count is
-drawn first, so short numbers are as common as long ones). The completion is
-" " + answer: the tokenizer is trained without a dummy prefix, so encoding the
-prompt and the completion separately gives the same ids as encoding their
-concatenation.
+Strings have 3-8 lowercase letters; addends have 1-2 digits (the digit count is
+drawn first). Three-digit sums were beyond the `mini` chain (5% after SFT);
+two-digit ones leave it half right, which is where DPO has work to do.
+
+The completion is " " + answer: the tokenizer is trained without a dummy
+prefix, so encoding the prompt and the completion separately gives the same
+ids as encoding their concatenation.
 
 Splits: a prompt belongs to `eval` iff a SHA-256 hash of it falls in the first
 10% of the hash range, so train and eval never share a prompt whatever the seed
@@ -35,17 +37,17 @@ import os
 import string
 import tempfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
 TASKS = ("add", "copy", "reverse", "sort")
 SPLITS = ("train", "eval")
 EVAL_FRACTION = 0.1
-_FORMAT_VERSION = 2  # Bump when a format changes: invalidates cached suites.
+FORMAT_VERSION = 3  # Bump when a format changes: invalidates cached suites.
 _LETTERS = string.ascii_lowercase
 _MIN_LEN, _MAX_LEN = 3, 8
-_MAX_DIGITS = 3
+_MAX_DIGITS = 2
 
 
 # ---------------------------------------------------------------- generators
@@ -266,8 +268,8 @@ def write_suite(
   out_dir: str,
   *,
   tasks: Sequence[str] = TASKS,
-  n_train: int = 20000,
-  n_eval: int = 400,
+  n_train: int = 8000,
+  n_eval: int = 200,
   seed: int = 0,
 ) -> dict[str, str]:
   """Write the suite's six JSONL files (n_train / n_eval per task).
@@ -279,26 +281,53 @@ def write_suite(
   for task in tasks:
     _check_task(task)
   params = {
-    "format": _FORMAT_VERSION,
+    "format": FORMAT_VERSION,
     "tasks": list(tasks),
     "n_train": n_train,
     "n_eval": n_eval,
     "seed": seed,
   }
   paths = {f[: -len(".jsonl")]: os.path.join(out_dir, f) for f in _SUITE_FILES}
-  manifest = os.path.join(out_dir, _MANIFEST)
-  if os.path.exists(manifest) and all(map(os.path.exists, paths.values())):
-    with open(manifest, encoding="utf-8") as f:
-      try:
-        if json.load(f) == params:
-          return paths
-      except json.JSONDecodeError:
-        pass
-  os.makedirs(out_dir, exist_ok=True)
-  if os.path.exists(manifest):  # Stale: drop it first, so a crash mid-write
-    os.remove(manifest)  # can never leave new files under an old manifest.
-  for split, n in (("train", n_train), ("eval", n_eval)):
-    for kind, rows in _suite_rows(tasks, n, seed, split).items():
-      _write_atomic(paths[f"{kind}_{split}"], _jsonl(rows))
-  _write_atomic(manifest, json.dumps(params, indent=2) + "\n")
+
+  def rows():
+    for split, n in (("train", n_train), ("eval", n_eval)):
+      for kind, r in _suite_rows(tasks, n, seed, split).items():
+        yield f"{kind}_{split}", r
+
+  write_once(os.path.join(out_dir, _MANIFEST), params, paths, rows)
   return paths
+
+
+def manifest_matches(manifest: str, params: dict, paths: dict) -> bool:
+  """Whether all `paths` exist and the manifest records exactly `params`."""
+  files = [manifest, *paths.values()]
+  if not all(map(os.path.exists, files)):
+    return False
+  with open(manifest, encoding="utf-8") as f:
+    try:
+      return json.load(f) == params
+    except json.JSONDecodeError:
+      return False
+
+
+def write_once(
+  manifest: str,
+  params: dict,
+  paths: dict[str, str],
+  rows: Callable[[], Iterable[tuple[str, Sequence[dict]]]],
+) -> bool:
+  """Writes JSONL files unless a manifest says they hold `params` already.
+
+  `rows()` yields (name in `paths`, rows). The manifest is written last and
+  removed first, so a crash mid-write never leaves new files under an old
+  manifest or old files under a new one. Returns whether it wrote.
+  """
+  if manifest_matches(manifest, params, paths):
+    return False
+  os.makedirs(os.path.dirname(manifest) or ".", exist_ok=True)
+  if os.path.exists(manifest):
+    os.remove(manifest)
+  for name, r in rows():
+    _write_atomic(paths[name], _jsonl(r))
+  _write_atomic(manifest, json.dumps(params, indent=2) + "\n")
+  return True

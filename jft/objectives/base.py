@@ -59,6 +59,14 @@ class Objective:
     del params
     return {}
 
+  def prepare_data(
+    self, train_spec: str, eval_spec: str, *, workdir, apply_fn, params
+  ) -> tuple[str, str]:
+    """(train_spec, eval_spec) to read; data made with the starting model
+    (DPO's on-policy pairs) is written here. Default: unchanged."""
+    del workdir, apply_fn, params
+    return train_spec, eval_spec
+
   def precompute(self, examples, apply_fn, params, run_batches):
     """A pass over the examples before training (e.g. reference log-probs)."""
     del apply_fn, params, run_batches

@@ -27,12 +27,15 @@ computed once before training and stored with the examples.
 
 from __future__ import annotations
 
+import os
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jft.data import pipeline
+from jft import sharding
+from jft.data import onpolicy, pipeline, sources
 from jft.data.jsonl import DataError
 from jft.objectives import base
 from jft.objectives.sft import TaskEval, fit, load_template
@@ -356,8 +359,63 @@ class DPO(base.Objective):
       done.append(ex)
     return done
 
+  def prepare_data(self, train_spec, eval_spec, *, workdir, apply_fn, params):
+    """Built-in data: pairs mined from the starting model's own mistakes."""
+    c, d = self.config, self.config.dpo
+    if d.builtin_pairs not in ("on_policy", "synthetic"):
+      raise ValueError(
+        f"config.dpo.builtin_pairs: unknown {d.builtin_pairs!r}; expected "
+        "'on_policy' or 'synthetic'"
+      )
+    if c.data.train_files or d.builtin_pairs == "synthetic":
+      return train_spec, eval_spec
+    fields = ("task", "prompt", "completion")
+    sft_train, sft_eval = sources.data_files(c, workdir, "sft")
+    train = list(pipeline.read_jsonl_files(sft_train, fields))
+    held_out = list(pipeline.read_jsonl_files(sft_eval, fields))
+    n = d.mine_prompts or len(train)
+    if not 0 < n <= len(train):
+      raise ValueError(
+        f"config.dpo.mine_prompts={d.mine_prompts}: the built-in suite has "
+        f"{len(train)} training prompts"
+      )
+    self.task_records = held_out  # task accuracy on every held-out prompt
+    paths = onpolicy.write_pairs(
+      os.path.join(workdir, "data"),
+      {
+        "init": c.init,
+        "prompts": n,
+        "samples": d.mine_samples,
+        "temperature": d.mine_temperature,
+        "max_new_tokens": c.sft.max_new_tokens,
+        "seed": c.seed,
+      },
+      {"train": train[:n], "eval": held_out},
+      onpolicy.make_answer_fn(
+        apply_fn,
+        params,
+        self.tokenizer,
+        max_new=c.sft.max_new_tokens,
+        temperature=d.mine_temperature,
+      ),
+      samples=d.mine_samples,
+      seed=c.seed,
+      write=jax.process_index() == 0,
+    )
+    sharding.sync("jft_onpolicy_pairs")
+    for split, path in paths.items():
+      with open(path, encoding="utf-8") as f:
+        if not any(line.strip() for line in f):
+          raise ValueError(
+            f"{path}: the starting model answered every {split} prompt "
+            "right, so there are no pairs to learn from; set "
+            "config.dpo.builtin_pairs='synthetic' or raise "
+            "config.dpo.mine_samples"
+          )
+    return paths["train"], paths["eval"]
+
   def eval_setup(self, records):
-    self.tasks.setup(records)
+    self.tasks.setup(getattr(self, "task_records", None) or records)
 
   def host_eval(self, apply_fn, params):
     return self.tasks.evaluate(apply_fn, params)
@@ -370,6 +428,8 @@ class DPO(base.Objective):
       ("reward margin", "eval/rewards/margins"),
       ("task accuracy (greedy)", "eval/task_accuracy"),
     ]
+    per_task = sorted(k for k in last if k.startswith("eval/task_accuracy/"))
+    rows += [(f"task accuracy: {k.rsplit('/', 1)[1]}", k) for k in per_task]
     lines = ["| held-out metric | before | after |", "| --- | --- | --- |"]
     for label, key in rows:
       if key in first and key in last:

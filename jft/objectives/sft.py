@@ -96,7 +96,8 @@ def fit(ids, mask, max_len: int, policy: str):
 
 
 class TaskEval:
-  """eval/task_accuracy: greedy answers to held-out built-in task prompts."""
+  """eval/task_accuracy (and per task, eval/task_accuracy/TASK): greedy
+  answers to held-out built-in task prompts."""
 
   def __init__(self, config, tokenizer):
     self.config, self.tokenizer = config, tokenizer
@@ -125,18 +126,18 @@ class TaskEval:
         vocab_size=tok.vocab_size,
       )
     prompts = [[tok.bos_id] + tok.encode(r["prompt"]) for r in self.records]
-    outs = generate.greedy_generate(
+    outs = generate.decode(
       self._gen, params, prompts, max_new=max_new, pad_id=tok.pad_id
     )
-    right = [
-      tasks.is_correct(
-        r["task"],
-        r["prompt"],
-        tok.decode(generate.strip_after_eos(o, tok.eos_id)),
-      )
-      for r, o in zip(self.records, outs, strict=True)
-    ]
-    return {"eval/task_accuracy": float(np.mean(right))}
+    by_task: dict[str, list[bool]] = {}
+    for r, o in zip(self.records, outs, strict=True):
+      text = tok.decode(generate.strip_after_eos(o, tok.eos_id))
+      ok = tasks.is_correct(r["task"], r["prompt"], text)
+      by_task.setdefault(r["task"], []).append(ok)
+    out = {"eval/task_accuracy": float(np.mean(sum(by_task.values(), [])))}
+    for task, right in sorted(by_task.items()):
+      out[f"eval/task_accuracy/{task}"] = float(np.mean(right))
+    return out
 
 
 class SFT(CLM):

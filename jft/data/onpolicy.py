@@ -1,0 +1,153 @@
+"""Preference pairs from a model's own mistakes on the built-in tasks.
+
+DPO's built-in data (`config.dpo.builtin_pairs='on_policy'`, the default):
+the starting model (DPO's reference) answers suite prompts, greedily and by
+sampling; `tasks.is_correct` labels every answer; a prompt with a wrong
+answer gives one pair: chosen = the true answer, rejected = the model's
+first wrong one (greedy first). The pairs are the errors this model makes
+(on-policy and verifier-labelled, as in iterative RPO or Step-DPO), which is
+what moves its greedy accuracy. Made-up near-miss negatives
+(`builtin_pairs='synthetic'`) are already unlikely under the model, and
+pushing them further down did not help it (see the README).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import jax
+
+from jft import generate
+from jft.data import tasks
+
+# prompts, key (None = greedy) -> one decoded answer per prompt
+AnswerFn = Callable[[list[str], "jax.Array | None"], list[str]]
+_FORMAT = 1  # Bump when the mining changes: invalidates mined files.
+
+
+def pairs_from_answers(
+  records: Sequence[dict], answers: Sequence[Sequence[str]]
+) -> tuple[list[dict], dict[str, list[int]]]:
+  """One pair per record that has a wrong, non-empty answer.
+
+  `records` are suite rows ({"task","prompt","completion"}); `answers[i]`
+  are record i's decoded answers, greedy first. An empty answer (eos at
+  once) is wrong but cannot be a rejected text, so it is passed over.
+  Returns (rows, counts), counts[task] = [prompts, prompts with a pair].
+  """
+  if len(records) != len(answers):
+    raise ValueError(f"{len(records)} records but {len(answers)} answer lists")
+  rows, counts = [], {}
+  for rec, cands in zip(records, answers, strict=True):
+    task, prompt = rec["task"], rec["prompt"]
+    wrong = [
+      a.strip()
+      for a in cands
+      if a.strip() and not tasks.is_correct(task, prompt, a)
+    ]
+    count = counts.setdefault(task, [0, 0])
+    count[0] += 1
+    if wrong:
+      count[1] += 1
+      rows.append(
+        {
+          "prompt": prompt,
+          "chosen": rec["completion"],
+          "rejected": " " + wrong[0],
+          "task": task,
+        }
+      )
+  return rows, counts
+
+
+def mine(
+  records: Sequence[dict], answer_fn: AnswerFn, *, samples: int, seed: int
+) -> tuple[list[dict], dict[str, list[int]]]:
+  """Greedy answers plus `samples` sampled ones per prompt, then pairs."""
+  prompts = [r["prompt"] for r in records]
+  keys = [None] + [
+    jax.random.fold_in(jax.random.PRNGKey(seed), i) for i in range(samples)
+  ]
+  per_key = [answer_fn(prompts, k) for k in keys]  # [K+1][N]
+  return pairs_from_answers(records, list(zip(*per_key, strict=True)))
+
+
+def make_answer_fn(
+  apply_fn, params, tokenizer, *, max_new: int, temperature: float
+) -> AnswerFn:
+  """Decoded answers of the model `params` (greedy when key is None)."""
+  kw = dict(
+    max_new=max_new,
+    eos_id=tokenizer.eos_id,
+    pad_id=tokenizer.pad_id,
+    vocab_size=tokenizer.vocab_size,
+  )
+  greedy = generate.make_greedy(apply_fn, **kw)
+  sampler = generate.make_decoder(apply_fn, temperature=temperature, **kw)
+
+  def answer(prompts, key):
+    ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+    outs = generate.decode(
+      greedy if key is None else sampler,
+      params,
+      ids,
+      max_new=max_new,
+      pad_id=tokenizer.pad_id,
+      key=key,
+      batch_size=256,
+    )
+    return [
+      tokenizer.decode(generate.strip_after_eos(o, tokenizer.eos_id))
+      for o in outs
+    ]
+
+  return answer
+
+
+def summary_line(split: str, counts: dict[str, list[int]]) -> str:
+  """'dpo on-policy train pairs: 1185 of 4000 prompts (add 995/998, ...)'."""
+  n = sum(c[0] for c in counts.values())
+  k = sum(c[1] for c in counts.values())
+  per = ", ".join(f"{t} {c[1]}/{c[0]}" for t, c in sorted(counts.items()))
+  return (
+    f"dpo on-policy {split} pairs: {k} of {n} prompts got a wrong answer "
+    f"({per})"
+  )
+
+
+def write_pairs(
+  out_dir: str,
+  params: dict,
+  records: dict[str, Sequence[dict]],
+  answer_fn: AnswerFn,
+  *,
+  samples: int,
+  seed: int,
+  write: bool = True,
+) -> dict[str, str]:
+  """Mines each split into OUT_DIR/onpolicy_{split}.jsonl, once.
+
+  `params` describes what was mined (starting model, settings); files whose
+  manifest matches are reused, so a resumed run does not decode again. With
+  `write=False` (processes other than 0) the decoding still runs, as every
+  process must join the sharded forward passes, but nothing is written.
+  """
+  paths = {s: os.path.join(out_dir, f"onpolicy_{s}.jsonl") for s in records}
+  manifest = os.path.join(out_dir, "onpolicy.json")
+  params = {"format": _FORMAT, **params}
+  if tasks.manifest_matches(manifest, params, paths):
+    return paths
+
+  def rows():
+    for split, recs in records.items():
+      mined, counts = mine(recs, answer_fn, samples=samples, seed=seed)
+      print(summary_line(split, counts))
+      yield split, mined
+
+  if write:
+    tasks.write_once(manifest, params, paths, rows)
+  else:
+    for _ in rows():
+      pass
+  return paths
