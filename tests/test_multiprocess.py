@@ -196,8 +196,8 @@ def _overrides(suite_dir, data_file):
   }
 
 
-def _config(overrides):
-  spec = importlib.util.spec_from_file_location("cfg", CONFIG)
+def _config(overrides, path=CONFIG):
+  spec = importlib.util.spec_from_file_location("cfg", path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   c = mod.get_config()
@@ -381,6 +381,46 @@ def test_lora_adapters_exported_from_two_processes(suite_dir, tmp_path):
     params["layers/mlp/down/lora_b"][1].T,
   )
   assert np.abs(params["layers/mlp/down/lora_b"]).max() > 0  # it trained
+
+
+def test_onpolicy_pairs_mined_by_two_processes_match_one(suite_dir, tmp_path):
+  """Every process joins the sharded decoding; process 0 alone writes."""
+  sets = {
+    "model.preset": "tiny",
+    "model.d_model": 32,
+    "model.mlp_dim": 64,
+    "model.n_heads": 2,
+    "model.n_kv_heads": 1,
+    "init": "",
+    "total_steps": 2,
+    "batch_size": BATCH,
+    "eval_every": 2,
+    "checkpoint_every": 2,
+    "data.tokenizer": str(suite_dir / "tok.model"),
+    "data.builtin.n_train": 8,
+    "data.builtin.n_eval": 2,
+    "dpo.mine_prompts": 16,
+    "dpo.mine_samples": 1,
+    "sft.max_new_tokens": 4,
+    "sft.max_eval_generations": 8,
+    "mesh.fsdp": 4,
+    "mesh.tensor": 2,
+  }
+  config = f"--config={ROOT}/configs/dpo.py"
+  two = tmp_path / "two"
+  out = _launch(
+    [f"--workdir={two}", config]
+    + [f"--config.{k}={v}" for k, v in sets.items()]
+  )
+  assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-3000:]
+  assert out.stdout.count("dpo on-policy train pairs") == 1  # process 0
+  assert "eval/task_accuracy" in _metrics(str(two))[-1]
+  one = _config(sets, path=f"{ROOT}/configs/dpo.py")
+  one.mesh.data, one.mesh.fsdp, one.mesh.tensor = 1, 8, 1
+  train.run(one, str(tmp_path / "one"))
+  for split in ("train", "eval"):
+    name = f"data/onpolicy_{split}.jsonl"
+    assert (two / name).read_text() == (tmp_path / "one" / name).read_text()
 
 
 def test_multiprocess_run_requires_workdir():

@@ -142,7 +142,8 @@ def write_pairs(
   def rows():
     for split, recs in records.items():
       mined, counts = mine(recs, answer_fn, samples=samples, seed=seed)
-      print(summary_line(split, counts))
+      if write:
+        print(summary_line(split, counts))
       yield split, mined
 
   if write:
