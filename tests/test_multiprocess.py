@@ -32,6 +32,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "pretrain_clm.py")
 N_DOCS, BATCH, SEQ_LEN = 64, 8, 32
 STEPS = N_DOCS // BATCH  # exactly one epoch: every document once
+TINY_FROM_SCRATCH = {
+  "model.d_model": 32,
+  "model.mlp_dim": 64,
+  "model.n_heads": 2,
+  "model.n_kv_heads": 1,
+  "init": "",
+}
 RTOL = 1e-5
 
 
@@ -350,11 +357,7 @@ def test_lora_adapters_exported_from_two_processes(suite_dir, tmp_path):
   """
   workdir = tmp_path / "lora"
   sets = {
-    "model.d_model": 32,
-    "model.mlp_dim": 64,
-    "model.n_heads": 2,
-    "model.n_kv_heads": 1,
-    "init": "",
+    **TINY_FROM_SCRATCH,
     "total_steps": 2,
     "batch_size": BATCH,
     "seq_len": SEQ_LEN,
@@ -386,12 +389,8 @@ def test_lora_adapters_exported_from_two_processes(suite_dir, tmp_path):
 def test_onpolicy_pairs_mined_by_two_processes_match_one(suite_dir, tmp_path):
   """Every process joins the sharded decoding; process 0 alone writes."""
   sets = {
+    **TINY_FROM_SCRATCH,
     "model.preset": "tiny",
-    "model.d_model": 32,
-    "model.mlp_dim": 64,
-    "model.n_heads": 2,
-    "model.n_kv_heads": 1,
-    "init": "",
     "total_steps": 2,
     "batch_size": BATCH,
     "eval_every": 2,
