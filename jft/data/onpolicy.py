@@ -106,7 +106,7 @@ def make_answer_fn(
 
 
 def summary_line(split: str, counts: dict[str, list[int]]) -> str:
-  """'dpo on-policy train pairs: 1185 of 4000 prompts (add 995/998, ...)'."""
+  """'dpo on-policy train pairs: 9 of 40 prompts got a wrong answer (...)'."""
   n = sum(c[0] for c in counts.values())
   k = sum(c[1] for c in counts.values())
   per = ", ".join(f"{t} {c[1]}/{c[0]}" for t, c in sorted(counts.items()))
@@ -118,7 +118,7 @@ def summary_line(split: str, counts: dict[str, list[int]]) -> str:
 
 def write_pairs(
   out_dir: str,
-  params: dict,
+  settings: dict,
   records: dict[str, Sequence[dict]],
   answer_fn: AnswerFn,
   *,
@@ -128,15 +128,15 @@ def write_pairs(
 ) -> dict[str, str]:
   """Mines each split into OUT_DIR/onpolicy_{split}.jsonl, once.
 
-  `params` describes what was mined (starting model, settings); files whose
+  `settings` say what was mined (starting model, sampling); files whose
   manifest matches are reused, so a resumed run does not decode again. With
   `write=False` (processes other than 0) the decoding still runs, as every
   process must join the sharded forward passes, but nothing is written.
   """
   paths = {s: os.path.join(out_dir, f"onpolicy_{s}.jsonl") for s in records}
   manifest = os.path.join(out_dir, "onpolicy.json")
-  params = {"format": _FORMAT, **params}
-  if tasks.manifest_matches(manifest, params, paths):
+  settings = {"format": _FORMAT, **settings}
+  if tasks.manifest_matches(manifest, settings, paths):
     return paths
 
   def rows():
@@ -147,7 +147,7 @@ def write_pairs(
       yield split, mined
 
   if write:
-    tasks.write_once(manifest, params, paths, rows)
+    tasks.write_once(manifest, settings, paths, rows)
   else:
     for _ in rows():
       pass

@@ -269,6 +269,7 @@ class DPO(base.Objective):
     self.template = load_template(config.sft)
     self.data_stats = {}
     self.tasks = TaskEval(config, tokenizer)
+    self.task_records = None  # built-in held-out prompts, when mined
     if d.loss_type in REFERENCE_FREE:
       self.reference = "none"
     elif config.lora.rank > 0:
@@ -415,7 +416,7 @@ class DPO(base.Objective):
     return paths["train"], paths["eval"]
 
   def eval_setup(self, records):
-    self.tasks.setup(getattr(self, "task_records", None) or records)
+    self.tasks.setup(self.task_records or records)
 
   def host_eval(self, apply_fn, params):
     return self.tasks.evaluate(apply_fn, params)
