@@ -73,11 +73,6 @@ def make_decoder(
   return jax.jit(gen)
 
 
-def make_greedy(apply_fn, **kwargs):
-  """`make_decoder` at temperature 0 (deterministic; `key` may be None)."""
-  return make_decoder(apply_fn, temperature=0.0, **kwargs)
-
-
 def decode(
   gen,
   params,
@@ -108,6 +103,40 @@ def decode(
     got = np.asarray(jax.device_get(gen(params, toks, lengths, k)))[:n]
     outs.extend(got.tolist())
   return outs
+
+
+def make_text_decoder(
+  apply_fn, tokenizer, *, max_new: int, temperature: float = 0.0
+):
+  """`answer(params, prompts, key=None, batch_size=128) -> texts`.
+
+  Prompts are strings (bos is prepended); each answer is the decoded text
+  before eos. Task accuracy and on-policy mining both decode this way.
+  """
+  gen = make_decoder(
+    apply_fn,
+    max_new=max_new,
+    eos_id=tokenizer.eos_id,
+    pad_id=tokenizer.pad_id,
+    vocab_size=tokenizer.vocab_size,
+    temperature=temperature,
+  )
+
+  def answer(params, prompts, key=None, batch_size=128):
+    ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+    outs = decode(
+      gen,
+      params,
+      ids,
+      max_new=max_new,
+      pad_id=tokenizer.pad_id,
+      key=key,
+      batch_size=batch_size,
+    )
+    eos = tokenizer.eos_id
+    return [tokenizer.decode(strip_after_eos(o, eos)) for o in outs]
+
+  return answer
 
 
 def strip_after_eos(ids: Sequence[int], eos_id: int) -> list[int]:

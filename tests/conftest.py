@@ -59,6 +59,11 @@ def tiny_config(suite_dir, objective="clm", config_file=None, **overrides):
   )
   c.data.train_files = str(suite_dir / f"{kind}_train.jsonl")
   c.data.eval_files = str(suite_dir / f"{kind}_eval.jsonl")
+  return set_keys(c, overrides)
+
+
+def set_keys(c, overrides):
+  """Sets dotted keys ('optimizer.lr': 1e-3) on a ConfigDict; returns it."""
   for k, v in overrides.items():
     node = c
     *head, last = k.split(".")

@@ -20,6 +20,7 @@ import sys
 import numpy as np
 import pytest
 from absl import app
+from conftest import set_keys
 from safetensors.numpy import load_file
 
 from jft import checkpoint, sharding, train
@@ -207,14 +208,7 @@ def _config(overrides, path=CONFIG):
   spec = importlib.util.spec_from_file_location("cfg", path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  c = mod.get_config()
-  for key, value in overrides.items():
-    node = c
-    *head, last = key.split(".")
-    for h in head:
-      node = node[h]
-    node[last] = value
-  return c
+  return set_keys(mod.get_config(), overrides)
 
 
 def _examples(suite_dir, path):

@@ -116,14 +116,17 @@ def test_prepare_data_mines_the_models_own_wrong_answers(
   with open(train_path) as f:
     rows = {r["prompt"]: r for r in map(json.loads, f)}
   assert rows  # a random model gets (nearly) everything wrong
+  greedy_wrong = 0
   for rec, g in zip(prompts, greedy, strict=True):
     row = rows.get(rec["prompt"])
     wrong = g.strip() and not tasks.is_correct(rec["task"], rec["prompt"], g)
     if wrong:  # the greedy answer, when wrong, is the rejected one
+      greedy_wrong += 1
       assert row["rejected"] == " " + g.strip()
     if row:
       assert row["chosen"] == rec["completion"]
       assert not tasks.is_correct(rec["task"], rec["prompt"], row["rejected"])
+  assert greedy_wrong > 0  # the greedy check above really ran
   assert set(rows) <= {r["prompt"] for r in prompts}
   with open(eval_path) as f:
     held_out = [json.loads(line)["prompt"] for line in f]

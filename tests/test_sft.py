@@ -158,7 +158,7 @@ def test_greedy_generation_matches_naive_loop(setup):
   params = model.init(jax.random.PRNGKey(3), jnp.zeros((1, 8), jnp.int32))
   apply_fn = train.make_apply_fn(model)
   p = params["params"]
-  gen = generate.make_greedy(
+  gen = generate.make_decoder(  # temperature 0: greedy
     apply_fn,
     max_new=5,
     eos_id=tok.eos_id,
@@ -204,7 +204,7 @@ def test_task_accuracy_overall_and_per_task(setup, monkeypatch):
     ]
   )
   answers = [" 3", " 11", " a b"]  # right, wrong, right
-  monkeypatch.setattr(generate, "make_greedy", lambda *a, **k: None)
+  monkeypatch.setattr(generate, "make_decoder", lambda *a, **k: None)
   monkeypatch.setattr(
     generate,
     "decode",

@@ -77,30 +77,14 @@ def make_answer_fn(
   apply_fn, params, tokenizer, *, max_new: int, temperature: float
 ) -> AnswerFn:
   """Decoded answers of the model `params` (greedy when key is None)."""
-  kw = dict(
-    max_new=max_new,
-    eos_id=tokenizer.eos_id,
-    pad_id=tokenizer.pad_id,
-    vocab_size=tokenizer.vocab_size,
+  greedy = generate.make_text_decoder(apply_fn, tokenizer, max_new=max_new)
+  sampler = generate.make_text_decoder(
+    apply_fn, tokenizer, max_new=max_new, temperature=temperature
   )
-  greedy = generate.make_greedy(apply_fn, **kw)
-  sampler = generate.make_decoder(apply_fn, temperature=temperature, **kw)
 
   def answer(prompts, key):
-    ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
-    outs = generate.decode(
-      greedy if key is None else sampler,
-      params,
-      ids,
-      max_new=max_new,
-      pad_id=tokenizer.pad_id,
-      key=key,
-      batch_size=256,
-    )
-    return [
-      tokenizer.decode(generate.strip_after_eos(o, tokenizer.eos_id))
-      for o in outs
-    ]
+    decoder = greedy if key is None else sampler
+    return decoder(params, prompts, key, batch_size=256)
 
   return answer
 

@@ -102,7 +102,7 @@ class TaskEval:
   def __init__(self, config, tokenizer):
     self.config, self.tokenizer = config, tokenizer
     self.records = []
-    self._gen = None
+    self._answer = None
 
   def setup(self, records) -> None:
     n = self.config.sft.max_eval_generations
@@ -115,23 +115,13 @@ class TaskEval:
   def evaluate(self, apply_fn, params) -> dict[str, float]:
     if not self.records:
       return {}
-    tok = self.tokenizer
-    max_new = self.config.sft.max_new_tokens
-    if self._gen is None:
-      self._gen = generate.make_greedy(
-        apply_fn,
-        max_new=max_new,
-        eos_id=tok.eos_id,
-        pad_id=tok.pad_id,
-        vocab_size=tok.vocab_size,
+    if self._answer is None:
+      self._answer = generate.make_text_decoder(
+        apply_fn, self.tokenizer, max_new=self.config.sft.max_new_tokens
       )
-    prompts = [[tok.bos_id] + tok.encode(r["prompt"]) for r in self.records]
-    outs = generate.decode(
-      self._gen, params, prompts, max_new=max_new, pad_id=tok.pad_id
-    )
+    texts = self._answer(params, [r["prompt"] for r in self.records])
     by_task: dict[str, list[bool]] = {}
-    for r, o in zip(self.records, outs, strict=True):
-      text = tok.decode(generate.strip_after_eos(o, tok.eos_id))
+    for r, text in zip(self.records, texts, strict=True):
       ok = tasks.is_correct(r["task"], r["prompt"], text)
       by_task.setdefault(r["task"], []).append(ok)
     out = {"eval/task_accuracy": float(np.mean(sum(by_task.values(), [])))}
