@@ -5,7 +5,8 @@ import setuptools
 setuptools.setup(
   name="jft",
   version="0.1.0",
-  description="JAX/Flax fine-tuning: pretraining, SFT, LoRA, QLoRA, DPO.",
+  description="JAX/Flax fine-tuning: pretraining, SFT, LoRA, QLoRA, DPO; "
+  "Llama, Mistral, Qwen and Gemma checkpoints.",
   python_requires=">=3.11",
   packages=setuptools.find_packages(include=["jft", "jft.*"]),
   install_requires=[
@@ -21,6 +22,9 @@ setuptools.setup(
     "numpy>=1.26",
     "safetensors>=0.4",
     "tensorboardX>=2.6",
+    "ml-dtypes>=0.4",
+    "tokenizers>=0.20",  # tokenizer.json (Hugging Face tokenizers)
+    "jinja2>=3.1",  # chat templates
   ],
   extras_require={
     "test": [
@@ -29,6 +33,12 @@ setuptools.setup(
       "nbformat>=5",
       "nbclient>=0.10",
       "ipykernel>=6",
+      # Parity tests run transformers and PEFT themselves, on CPU torch.
+      # 2.13.0 is the CPU build this project's machines serve; an unpinned
+      # torch would pull a multi-GB CUDA build.
+      "torch==2.13.0",
+      "transformers>=4.45",
+      "peft>=0.13",
     ],
   },
 )

@@ -51,10 +51,10 @@ def _set(config, key, value):
 
 def worker(args) -> dict:
   sys.path.insert(0, ROOT)
-  from jft import stages, train
+  from jft import init, train
 
   path, overrides = TECHNIQUES[args.tech]
-  config = stages.load_config_file(os.path.join(ROOT, path) + f":{args.preset}")
+  config = init.load_config_file(os.path.join(ROOT, path) + f":{args.preset}")
   for k, v in overrides.items():
     _set(config, k, v)
   config.log_every = max(args.steps // 4, 1)

@@ -225,7 +225,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument(
     "--remat",
     default="none",
-    choices=tuple(transformer._REMAT_POLICIES),
+    choices=tuple(transformer.REMAT_POLICIES),
   )
   p.add_argument("--peak_reps", type=int, default=10)
   p.add_argument("--json", default="", help="write the figures here")

@@ -8,12 +8,12 @@ also writes the merged model as Hugging Face safetensors.
 
 import os
 
-from jft import stages
+from jft import init
 
 
 def get_config(arg=None):
   here = os.path.join(os.path.dirname(__file__), "sft.py")
-  c = stages.load_config_file(here + (f":{arg}" if arg else ""))
+  c = init.load_config_file(here + (f":{arg}" if arg else ""))
   c.lora.rank = 8
   c.lora.alpha = 16.0
   c.lora.targets = "all-linear"

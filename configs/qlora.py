@@ -8,12 +8,12 @@ The base comes from configs/pretrain_clm.py (float), is quantized at load
 
 import os
 
-from jft import stages
+from jft import init
 
 
 def get_config(arg=None):
   here = os.path.join(os.path.dirname(__file__), "lora.py")
-  c = stages.load_config_file(here + (f":{arg}" if arg else ""))
+  c = init.load_config_file(here + (f":{arg}" if arg else ""))
   c.quant.kind = "nf4"
   c.quant.block_size = 64
   c.quant.double_quant = True

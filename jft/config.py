@@ -37,9 +37,26 @@ def model_config(preset: str = "tiny") -> ml_collections.ConfigDict:
       n_kv_heads=ph(int),
       head_dim=ph(int),
       mlp_dim=ph(int),
+      # HF architecture: llama | mistral | qwen2 | qwen3 | gemma | gemma2 |
+      # gemma3 (see jft/models/transformer.py for what each field does).
+      family=ph(str),
       rope_theta=ph(float),
+      rope_scaling=ph(str),  # JSON in HF's spelling: '{"rope_type": ...}'
+      rope_local_theta=ph(float),
+      max_position_embeddings=ph(int),
       norm_eps=ph(float),
+      norm_plus_one=ph(bool),
       qkv_bias=ph(bool),
+      o_bias=ph(bool),
+      qk_norm=ph(bool),
+      mlp_act=ph(str),  # silu | gelu_tanh
+      sandwich_norm=ph(bool),
+      embed_scale=ph(bool),
+      query_pre_attn_scalar=ph(float),
+      attn_softcap=ph(float),
+      final_softcap=ph(float),
+      sliding_window=ph(int),
+      layer_types=ph(str),  # comma-separated: full | sliding, one per layer
       tie_embeddings=ph(bool),
       causal=ph(bool),
       dtype=ph(str),
@@ -64,11 +81,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.eval_batch_size = 32
   # Where weights come from: '' = random init; a jft workdir = its latest
-  # checkpoint (its tokenizer too); 'hf:DIR' = Hugging Face safetensors;
+  # checkpoint (its tokenizer too); 'hf:DIR' = a Hugging Face checkpoint
+  # (config.json, safetensors and its own tokenizer; see jft/init.py);
   # 'run:configs/X.py[:ARG]' = the result of that config's run, trained once
   # and cached under `stage_cache` (how sft.py starts from pretraining).
   c.init = ""
   c.stage_cache = ""  # '' = $JFT_CACHE or ~/.cache/jft
+  # A PEFT LoRA adapter directory (adapter_config.json + adapter_model.
+  # safetensors) put on the `init` base: its r, alpha and targets become
+  # config.lora's, and training continues from it (or evaluate it).
+  c.init_adapter = ""
 
   c.model = model_config("tiny")
 
@@ -76,7 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Comma-separated JSONL paths/globs; '' = the built-in task suite.
   c.data.train_files = ""
   c.data.eval_files = ""
-  c.data.tokenizer = ""  # .model path; '' = from init, or train one
+  # A tokenizer file (.model / tokenizer.json) or directory; '' = the one
+  # `init` names, else (random init only) one trained on the training text.
+  c.data.tokenizer = ""
   c.data.tokenizer_vocab_size = 512
   c.data.shuffle = True
   c.data.num_epochs = config_dict.placeholder(int)  # None = repeat
@@ -91,6 +115,11 @@ def base_config() -> ml_collections.ConfigDict:
       # Rows longer than seq_len + 1 tokens: 'truncate_prompt' (drop prompt
       # tokens from the left) or 'skip'; both are counted and reported.
       truncation="truncate_prompt",
+      # How {"messages"} rows become text: 'auto' (the tokenizer's own chat
+      # template when it has one, as Hugging Face checkpoints do, else the
+      # role table below), 'tokenizer' (its template; an error if none) or
+      # 'table'. See jft/objectives/sft.py.
+      template="auto",
       # Chat template as data: (role, prefix, suffix) rows. Assistant content
       # (plus eos) is trained; everything else is prompt. A JSON file with
       # {"roles": [[role, prefix, suffix], ...]} may replace it.

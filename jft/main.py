@@ -136,7 +136,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # orbax logs a lot at INFO
     logging.set_verbosity(logging.WARNING)
   maybe_init_distributed()
-  from jft import train  # after distributed init: it may touch devices
+  from jft import init, train  # after distributed init: may touch devices
 
   primary = jax.process_index() == 0
   if not primary and logging.get_verbosity() > logging.WARNING:
@@ -161,11 +161,17 @@ def main(argv):
         f"{jax.process_count()} processes, {jax.device_count()} devices "
         f"({jax.local_device_count()} per process)"
       )
+
+  def run():
+    resolved = init.resolve_stages(config, train.run, announce=say)
+    train.run(resolved, workdir)
+
+  say = print if primary else (lambda *_: None)
   if jax.process_count() == 1:
-    train.run(config, workdir)
+    run()
     return
   try:
-    train.run(config, workdir)
+    run()
   except BaseException:
     # A failed process must exit now: JAX's graceful distributed shutdown
     # would wait for peers that are blocked in a collective with it, and

@@ -17,78 +17,59 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import traverse_util
 
-from jft import checkpoint, metrics, objectives, optim, sharding, stages, steps
+from jft import (
+  checkpoint,
+  init,
+  metrics,
+  objectives,
+  optim,
+  sharding,
+  steps,
+)
 from jft.data import pipeline, sources
+from jft.interop import hf
+from jft.interop import peft as peft_format
 from jft.models import transformer
-from jft.peft import lora, quant
-from jft.state import TrainState, flat_paths, merge_params, split_params
+from jft.peft import lora
+from jft.state import TrainState, flat_paths, split_params
 
 
 class NonFiniteLossError(RuntimeError):
   """Training produced a NaN/inf loss; the run stops before saving it."""
 
 
-def resolve_model_config(config, tokenizer) -> transformer.TransformerConfig:
-  """Model config from `config.model`, `config.lora` and `config.quant`.
-
-  An unset `vocab_size` follows the tokenizer, rounded up to a multiple of
-  64 so the vocab axis shards evenly; runs that load Hugging Face weights
-  (`init='hf:...'`) keep the preset's vocabulary.
-  """
-  d = config.model.to_dict()
-  if config.init.startswith("hf:") and not d.get("preset"):
-    from jft.interop import hf
-
-    d = hf.model_config_dict(config.init[3:], d)  # shape from config.json
-  if d.get("vocab_size") is None and not config.init.startswith("hf:"):
-    d["vocab_size"] = -(-tokenizer.vocab_size // 64) * 64
-  lo, qu = config.lora, config.quant
-  if lo.rank > 0:
-    d.update(
-      lora_rank=lo.rank,
-      lora_alpha=lo.alpha,
-      lora_dropout=lo.dropout,
-      lora_rslora=lo.rslora,
-      lora_targets=lora.resolve_targets(lo.targets),
-    )
-  if qu.kind:
-    if qu.kind not in quant.KINDS:
-      raise ValueError(
-        f"config.quant.kind: unknown {qu.kind!r}; expected '' or one of "
-        f"{quant.KINDS}"
-      )
-    d.update(
-      quant_kind=qu.kind,
-      quant_table=tuple(tuple(r) for r in qu.table),
-      quant_block_size=qu.block_size,
-      quant_double=qu.double_quant,
-    )
-  cfg = transformer.config_from_dict(d)
-  if cfg.vocab_size < tokenizer.vocab_size:
-    raise ValueError(
-      f"config.model.vocab_size={cfg.vocab_size} is smaller than the "
-      f"tokenizer's vocabulary ({tokenizer.vocab_size})"
-    )
-  return cfg
-
-
-def freeze_table(config):
+def freeze_table(config, model_cfg):
   """`config.freeze`, or the automatic table when it is empty."""
   if config.freeze:
     return tuple(tuple(r) for r in config.freeze)
-  if config.lora.rank > 0:
+  if model_cfg.peft.lora_rank > 0:
     return lora.ADAPTER_FREEZE
   return ((".*", "trainable"),)
 
 
-def make_apply_fn(model: nn.Module):
-  def apply_fn(
-    params, inputs, positions, segment_ids, *, rng=None, train=False, **kwargs
+class ApplyFn:
+  """`apply_fn(params, inputs, positions, segment_ids, *, rng, train,
+  cache)`: the model's pure forward; `.config` is its TransformerConfig
+  (decoders size their KV cache from it), `.mesh` the run's mesh (decoders
+  shard their rows over it)."""
+
+  def __init__(self, model: nn.Module, mesh=None):
+    self.model, self.config, self.mesh = model, model.config, mesh
+
+  def __call__(
+    self,
+    params,
+    inputs,
+    positions,
+    segment_ids,
+    *,
+    rng=None,
+    train=False,
+    **kwargs,
   ):
     rngs = {"dropout": rng} if (train and rng is not None) else {}
-    return model.apply(
+    return self.model.apply(
       {"params": params},
       inputs,
       positions,
@@ -98,7 +79,9 @@ def make_apply_fn(model: nn.Module):
       **kwargs,
     )
 
-  return apply_fn
+
+def make_apply_fn(model: nn.Module, mesh=None) -> ApplyFn:
+  return ApplyFn(model, mesh)
 
 
 def _shard_eval(batches: list[dict], pad_id: int) -> list[dict]:
@@ -112,97 +95,6 @@ def _shard_eval(batches: list[dict], pad_id: int) -> list[dict]:
     pad["targets"][:] = pad_id
     mine.append(pad)
   return mine
-
-
-def _load_init(config, base_cfg, mesh) -> dict:
-  """Float base params from `config.init` (adapters merged, 4-bit undone)."""
-  init = config.init
-  if init.startswith("hf:"):
-    from jft.interop import hf
-
-    return hf.load_params(init[3:], base_cfg)
-  params = checkpoint.load_params(init, mesh)
-  with open(os.path.join(init, "config.json")) as f:
-    saved = transformer.config_from_dict(json.load(f)["model"])
-  if saved.lora_rank or saved.quant_kind:
-    params = jax.tree.map(np.asarray, lora.merge(params, saved))
-  return params
-
-
-def _check_tree(params, boxed, what: str) -> None:
-  """Same paths, shapes and dtypes as the model expects, or a named error."""
-  expect = flat_paths(nn.unbox(boxed))
-  got = flat_paths(params)
-  missing, extra = (
-    sorted(set(expect) - set(got)),
-    sorted(set(got) - set(expect)),
-  )
-  if missing or extra:
-    raise ValueError(f"{what}: missing parameters {missing}, extra {extra}")
-  for p, ref in expect.items():
-    if tuple(got[p].shape) != tuple(ref.shape):
-      raise ValueError(
-        f"{what}: {p} has shape {tuple(got[p].shape)}, the model expects "
-        f"{tuple(ref.shape)}"
-      )
-
-
-def init_params(config, model_cfg, mesh, rules) -> dict:
-  """Parameters placed with their shardings.
-
-  A float base (random, or from `config.init`) is built first; then 4-bit
-  kernels are made from it and fresh LoRA adapters added, so QLoRA always
-  quantizes real weights and every technique starts from the same base.
-  """
-  rng = jax.random.PRNGKey(config.seed)
-  dummy = jnp.zeros((1, 8), jnp.int32)
-  full, base = (
-    transformer.Transformer(model_cfg),
-    transformer.Transformer(lora.base_config(model_cfg)),
-  )
-  boxed_full = jax.eval_shape(lambda r: full.init(r, dummy)["params"], rng)
-  boxed_base = jax.eval_shape(lambda r: base.init(r, dummy)["params"], rng)
-  shard_full = flat_paths(sharding.param_shardings(boxed_full, mesh, rules))
-  shard_base = sharding.param_shardings(boxed_base, mesh, rules)
-
-  if not config.init:
-    params = jax.jit(
-      lambda r: nn.unbox(base.init(r, dummy)["params"]),
-      out_shardings=shard_base,
-    )(rng)
-  else:
-    loaded = _load_init(config, lora.base_config(model_cfg), mesh)
-    _check_tree(loaded, boxed_base, f"config.init={config.init!r}")
-    dtypes = jax.tree.map(lambda x: x.dtype, nn.unbox(boxed_base))
-    params = jax.tree.map(
-      lambda x, dt, s: jax.device_put(np.asarray(x).astype(dt), s),
-      loaded,
-      dtypes,
-      shard_base,
-    )
-  if model_cfg.quant_kind:
-    kernels = set(lora.check_quant_table(model_cfg.quant_table, params))
-    out_sh = {p: s for p, s in shard_full.items() if "/lora_" not in p}
-    params = jax.jit(
-      lambda p: quant.quantize_params(
-        p,
-        kernels,
-        kind=model_cfg.quant_kind,
-        block_size=model_cfg.quant_block_size,
-        double_quant=model_cfg.quant_double,
-      ),
-      out_shardings=traverse_util.unflatten_dict(out_sh, sep="/"),
-    )(params)
-  if model_cfg.lora_rank:
-    lora.check_targets(model_cfg.lora_targets, params)
-    ad_sh = {p: s for p, s in shard_full.items() if "/lora_" in p}
-    adapters = jax.jit(
-      lambda r: lora.adapters(nn.unbox(full.init(r, dummy)["params"])),
-      out_shardings=traverse_util.unflatten_dict(ad_sh, sep="/"),
-    )(jax.random.fold_in(rng, 1))
-    params = merge_params(params, adapters)
-  _check_tree(params, boxed_full, "model parameters")
-  return params
 
 
 def run(
@@ -225,10 +117,12 @@ def run(
       )
     ckpt.close()
     return {}
-  if config.init.startswith("run:"):  # train (or reuse) the earlier stage
-    stage_dir = stages.ensure_stage(config.init[4:], config)
-    config = config.copy_and_resolve_references()
-    config.init = stage_dir
+  if init.kind(config.init) == "stage":
+    raise ValueError(
+      f"config.init={config.init!r}: resolve stages before training "
+      "(jft.init.resolve_stages(config, train.run); python -m jft.main "
+      "does this)"
+    )
 
   # Mesh.
   mesh = sharding.make_mesh(config.mesh)
@@ -239,7 +133,9 @@ def run(
   train_spec, eval_spec = sources.data_files(
     config, workdir, getattr(objective_cls, "builtin_split", "pretrain")
   )
-  tokenizer = sources.load_tokenizer(config, workdir, train_spec)
+  tokenizer = init.load_tokenizer(
+    config, workdir, lambda: sources.corpus_texts(train_spec)
+  )
   objective = objective_cls(config, tokenizer)
   n_proc = jax.process_count()
   if config.batch_size % n_proc:
@@ -249,16 +145,20 @@ def run(
     )
 
   # Model and parameters.
-  model_cfg = resolve_model_config(config, tokenizer)
+  model_cfg = init.model_config(config, tokenizer)
   model = transformer.Transformer(model_cfg)
   if primary:
     resolved = config.to_dict()
-    resolved["model"] = {"preset": config.model.preset, **vars(model_cfg)}
+    resolved["model"] = {
+      "preset": config.model.preset,
+      **transformer.config_to_dict(model_cfg),
+    }
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(resolved, f, indent=2, default=str)
     logging.info("model: %s", model_cfg)
-  params = init_params(config, model_cfg, mesh, rules)
-  apply_fn = make_apply_fn(model)
+  init.record_source(config, workdir)
+  params = init.init_params(config, model_cfg, mesh, rules)
+  apply_fn = make_apply_fn(model, mesh)
 
   # Examples (after the model: some data is made with it, e.g. DPO's
   # on-policy pairs).
@@ -312,7 +212,7 @@ def run(
       tokenizer.pad_id,
     )
 
-  trainable, frozen = split_params(params, freeze_table(config))
+  trainable, frozen = split_params(params, freeze_table(config, model_cfg))
   for path, leaf in flat_paths(trainable).items():
     if not jnp.issubdtype(leaf.dtype, jnp.floating):
       raise ValueError(
@@ -489,7 +389,7 @@ def run(
     ckpt.close()
     writer.close()
   if int(state.step) >= config.total_steps:
-    export(config, workdir, state, model_cfg, primary)
+    export(config, workdir, state, model_cfg, tokenizer, primary)
   if primary and int(state.step) >= config.total_steps:
     report = objective.summary(*metrics.first_and_last(writer.path))
     if report:
@@ -522,26 +422,34 @@ def _batch_runner(mesh):
   return run
 
 
-def export(config, workdir: str, state, model_cfg, primary: bool) -> None:
+def export(
+  config, workdir: str, state, model_cfg, tokenizer, primary: bool
+) -> None:
   """End-of-run artefacts: LoRA adapters alone and/or the merged model.
 
   Every process takes part in gathering sharded params; process 0 writes.
   """
   if not (
-    model_cfg.lora_rank
-    and (config.lora.save_adapters or (config.lora.save_merged))
+    model_cfg.peft.lora_rank
+    and (config.lora.save_adapters or config.lora.save_merged)
   ):
     return
   params = sharding.to_host(state.params)
   if not primary:
     return
   if config.lora.save_adapters:
-    lora.save_adapters(os.path.join(workdir, "adapters"), params, model_cfg)
-    print(f"adapters: {os.path.join(workdir, 'adapters')}")
+    out = os.path.join(workdir, "adapters")
+    base = init.hf_dir(config.init) if init.kind(config.init) == "hf" else ""
+    peft_format.save_adapter(out, params, model_cfg, base_model=base)
+    print(f"adapters: {out}")
   if config.lora.save_merged:
-    from jft.interop import hf
-
-    merged = lora.merge(params, model_cfg)
     out = os.path.join(workdir, "merged")
-    hf.save_params(out, merged, lora.base_config(model_cfg), overwrite=True)
+    hf.export_model(
+      out,
+      params,
+      model_cfg,
+      tokenizer=tokenizer,
+      source=os.path.join(workdir, init.SOURCE_DIR),
+      overwrite=True,
+    )
     print(f"merged model: {out}")

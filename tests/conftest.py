@@ -31,10 +31,10 @@ def tiny_config(suite_dir, objective="clm", config_file=None, **overrides):
   """Base config (or `config_file`'s) shrunk for tests: tiny model, few
   steps, the shared suite's data, no earlier stages."""
   from jft import config as base
-  from jft import stages
+  from jft import init
 
   if config_file:
-    c = stages.load_config_file(config_file)
+    c = init.load_config_file(config_file)
     objective = c.objective
     c.init = ""
   else:

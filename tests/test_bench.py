@@ -64,3 +64,35 @@ def test_throughput_runs_tiny(tmp_path, capsys):
   assert res["tokens_per_s"] == 2 * 16 / res["step_s"]
   saved = json.loads(out.read_text())
   assert saved["args"]["preset"] == "tiny" and saved["step_s"] == res["step_s"]
+
+
+def _load(name):
+  path = os.path.join(ROOT, "bench", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_decode_bench_runs_tiny(capsys):
+  out = _load("decode").main(
+    ["--preset", "tiny", "--batch", "2", "--new", "4", "--reps", "1"]
+  )["decode"]
+  assert "speed-up" in capsys.readouterr().out
+  assert out["agree"] == 1.0  # cache and no-cache decode the same tokens
+  assert out["kv cache"] > 0 and out["no cache"] > 0
+
+
+def test_load_memory_bench_runs_tiny(tmp_path, capsys):
+  rows = _load("load_memory").main(
+    [
+      "--preset",
+      "tiny",
+      "--dir",
+      str(tmp_path),
+      "--modes",
+      "bfloat16,qlora-nf4",
+    ]
+  )
+  assert [r["mode"] for r in rows] == ["bfloat16", "qlora-nf4"]
+  assert all(r["peak_mib"] >= r["runtime_mib"] > 0 for r in rows)

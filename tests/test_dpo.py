@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from jft import train
+from jft import init, train
 from jft.data.jsonl import DataError, Record
 from jft.data.tokenizer import Tokenizer
 from jft.objectives import dpo
@@ -210,11 +210,11 @@ def test_objective_loss_matches_hand_computation(obj):
     pad_id=tok.pad_id,
     packing=False,
   )[0]
-  model = transformer.Transformer(train.resolve_model_config(config, tok))
-  init = lambda s: model.init(
+  model = transformer.Transformer(init.model_config(config, tok))
+  make = lambda s: model.init(
     jax.random.PRNGKey(s), jnp.zeros((1, 8), jnp.int32)
   )["params"]
-  policy, ref = init(0), init(1)
+  policy, ref = make(0), make(1)
   apply_fn = train.make_apply_fn(model)
   loss_sum, n, mets = obj.loss(apply_fn, policy, batch, None, False, ref=ref)
 

@@ -13,15 +13,20 @@ from conftest import tiny_config
 from flax import traverse_util
 from safetensors.numpy import load_file
 
-from jft import checkpoint, sharding, train
+from jft import checkpoint, init, sharding, train
+from jft.data.tokenizer import Tokenizer
 from jft.models import transformer
 from jft.peft import lora, quant
+from jft.peft.options import PeftOptions
 
 BASE = transformer.TransformerConfig(
   vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64
 )
 LORA = dataclasses.replace(
-  BASE, lora_rank=4, lora_alpha=8.0, lora_targets=lora.ALIASES["all-linear"]
+  BASE,
+  peft=PeftOptions(
+    lora_rank=4, lora_alpha=8.0, lora_targets=lora.ALIASES["all-linear"]
+  ),
 )
 TABLE = (
   (r"layers(_\d+)?/(attn|mlp)/\w+/kernel", "quantize"),
@@ -34,6 +39,14 @@ TOKENS = jax.random.randint(jax.random.PRNGKey(9), (2, 12), 0, 64)
 def _init(cfg, seed=0):
   model = transformer.Transformer(cfg)
   return model, nn.unbox(model.init(jax.random.PRNGKey(seed), TOKENS)["params"])
+
+
+def _with_quant(kind, block_size):
+  """LORA with 4-bit kernels where TABLE says so."""
+  peft = dataclasses.replace(
+    LORA.peft, quant_kind=kind, quant_table=TABLE, quant_block_size=block_size
+  )
+  return dataclasses.replace(LORA, peft=peft)
 
 
 def _flat(t):
@@ -146,9 +159,7 @@ def test_quant_table_errors(base):
 @pytest.mark.parametrize("kind", ["int4", "nf4"])
 def test_qlora_spec_bytes_and_merge(base, kind):
   model_b, pb = base
-  qcfg = dataclasses.replace(
-    LORA, quant_kind=kind, quant_table=TABLE, quant_block_size=16
-  )
+  qcfg = _with_quant(kind, block_size=16)
   model_q, pq = _init(qcfg)
   flat = _flat(pq)
   assert flat["layers/attn/q/kernel_packed"].dtype == jnp.uint8
@@ -215,18 +226,18 @@ def test_adapter_run_trains_only_adapters(suite_dir, tmp_path, kind):
   n_frozen = sum(np.size(x) for x in frozen.values())
   assert 2 * n_train <= opt_sizes < 2 * n_train + 16 < n_frozen
   # Frozen weights are bit-identical to the same config's untrained init.
-  tok = train.sources.Tokenizer.load(config.data.tokenizer)
-  model_cfg = train.resolve_model_config(config, tok)
+  tok = Tokenizer.load(config.data.tokenizer)
+  model_cfg = init.model_config(config, tok)
   mesh = sharding.make_mesh(config.mesh)
-  init = _flat(
+  start = _flat(
     jax.device_get(
-      train.init_params(
+      init.init_params(
         config, model_cfg, mesh, sharding.rules_from_config(config.mesh)
       )
     )
   )
   for k, v in frozen.items():
-    np.testing.assert_array_equal(v, init[k], err_msg=k)
+    np.testing.assert_array_equal(v, start[k], err_msg=k)
   # B moved off zero: the adapters did train.
   assert any(
     np.abs(v).max() > 0 for k, v in trainable.items() if k.endswith("lora_b")
@@ -246,8 +257,6 @@ def test_adapter_run_trains_only_adapters(suite_dir, tmp_path, kind):
 
 
 def test_quant_block_that_does_not_divide_names_the_kernel():
-  cfg = dataclasses.replace(
-    LORA, quant_kind="nf4", quant_table=TABLE, quant_block_size=64
-  )  # d_model is 32
+  cfg = _with_quant("nf4", block_size=64)  # d_model is 32
   with pytest.raises(ValueError, match=r"layers/attn/q/kernel.*block_size"):
     _init(cfg)

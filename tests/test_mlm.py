@@ -14,7 +14,7 @@ import pytest
 import sentencepiece as spm
 from conftest import tiny_config
 
-from jft import checkpoint, objectives, steps, train
+from jft import checkpoint, init, objectives, steps, train
 from jft.data.tokenizer import Tokenizer
 from jft.models import transformer
 from jft.objectives import mlm
@@ -149,7 +149,7 @@ def test_bad_rates_and_missing_mask_token(suite_dir, tok, tmp_path):
 @pytest.fixture(scope="module")
 def model(suite_dir, tok):
   """(jitted apply_fn, params) of the tiny bidirectional test model."""
-  cfg = train.resolve_model_config(_config(suite_dir), tok)
+  cfg = init.model_config(_config(suite_dir), tok)
   module = transformer.Transformer(cfg)
   params = jax.jit(module.init)(
     jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)
@@ -195,7 +195,7 @@ def test_bidirectional_in_mlm_mode_only(suite_dir, tok, model):
   params = model[1]
   for causal in (False, True):
     config.model.causal = causal
-    cfg = train.resolve_model_config(config, tok)
+    cfg = init.model_config(config, tok)
     apply = jax.jit(transformer.Transformer(cfg).apply)
     a, b = (apply({"params": params}, x, pos, seg) for x in (tokens, changed))
     earlier = np.abs(np.asarray(a[:, :9] - b[:, :9])).max(-1)  # [B, 9]

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from jft.models import layers
+from jft.models import rope
 from jft.models.transformer import (
   Attention,
   Transformer,
   TransformerConfig,
+  attention_mask,
   config_from_dict,
   param_bytes,
   param_count,
@@ -248,10 +249,12 @@ def test_attention_matches_numpy(cfg):
   positions = jnp.arange(T)[None] + jnp.asarray([[3], [100]])  # offset RoPE
   segment_ids = jnp.ones((B, T), jnp.int32)
   attn = Attention(cfg)
-  p = nn.unbox(attn.init(jax.random.key(5), x, positions, segment_ids))
+  cos, sin = rope.cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+  mask = attention_mask(segment_ids)
+  p = nn.unbox(attn.init(jax.random.key(5), x, cos, sin, mask))
   p = _np_params(p["params"], seed=6)
-  got = attn.apply(
-    {"params": jax.tree.map(jnp.float32, p)}, x, positions, segment_ids
+  got, _ = attn.apply(
+    {"params": jax.tree.map(jnp.float32, p)}, x, cos, sin, mask
   )
   want = _np_attention(p, np.asarray(x, np.float64), np.asarray(positions), cfg)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
@@ -279,7 +282,7 @@ def test_model_matches_numpy(cfg, params, apply_fn):
 def test_rotate_half_convention():
   x = jnp.arange(8.0).reshape(1, 1, 1, 8)
   np.testing.assert_array_equal(
-    layers.rotate_half(x)[0, 0, 0], [-4, -5, -6, -7, 0, 1, 2, 3]
+    rope.rotate_half(x)[0, 0, 0], [-4, -5, -6, -7, 0, 1, 2, 3]
   )
 
 
@@ -329,6 +332,12 @@ def test_remat_same_logits_and_grads(cfg, params):
     ("qwen2.5-0.5b", 494e6),
     ("llama-3.2-1b", 1.236e9),
     ("llama-3.2-3b", 3.213e9),
+    ("llama-3.1-8b", 8.030e9),
+    ("mistral-7b", 7.248e9),
+    ("qwen3-0.6b", 0.596e9),
+    ("gemma-2b", 2.506e9),
+    ("gemma-2-2b", 2.614e9),
+    ("gemma-3-1b", 0.9999e9),
   ],
 )
 def test_preset_param_counts(preset, expected):

@@ -9,23 +9,11 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from jft import generate, train
+from jft import init, train
 from jft.data import onpolicy, tasks
 from jft.data.tokenizer import Tokenizer
 from jft.models import transformer
 from jft.objectives import dpo
-
-
-def test_pick_is_argmax_at_zero_and_softmax_draws_above():
-  logits = jnp.array([[1.0, 0.0, -1.0, 0.5]])
-  assert int(generate.pick(logits, None, 0.0)[0]) == 0
-  n = 20000
-  many = jnp.broadcast_to(logits, (n, 4))
-  for temp in (1.0, 0.5):
-    draws = np.asarray(generate.pick(many, jax.random.PRNGKey(1), temp))
-    freq = np.bincount(draws, minlength=4) / n
-    z = np.exp(np.array([1.0, 0.0, -1.0, 0.5]) / temp)
-    np.testing.assert_allclose(freq, z / z.sum(), atol=0.015)
 
 
 def _rec(task, prompt):
@@ -96,7 +84,7 @@ def tiny_model(suite_dir):
   config.dpo.mine_samples = 1
   config.sft.max_new_tokens = 4
   tok = Tokenizer.load(config.data.tokenizer)
-  model = transformer.Transformer(train.resolve_model_config(config, tok))
+  model = transformer.Transformer(init.model_config(config, tok))
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
   return config, tok, train.make_apply_fn(model), params["params"]
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from jft import generate, train
+from jft import generate, init, train
 from jft.data import pipeline
 from jft.data.jsonl import DataError, Record
 from jft.data.tokenizer import Tokenizer
@@ -116,7 +116,7 @@ def test_packed_and_padded_give_the_same_per_example_loss(setup):
   config, tok, obj = setup
   records = pipeline.read_jsonl_files(config.data.eval_files)[:12]
   examples = obj.make_examples(records)
-  model_cfg = train.resolve_model_config(config, tok)
+  model_cfg = init.model_config(config, tok)
   model = transformer.Transformer(model_cfg)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
   apply = jax.jit(
@@ -153,23 +153,23 @@ def test_packed_and_padded_give_the_same_per_example_loss(setup):
 
 def test_greedy_generation_matches_naive_loop(setup):
   config, tok, _ = setup
-  model_cfg = train.resolve_model_config(config, tok)
+  model_cfg = init.model_config(config, tok)
   model = transformer.Transformer(model_cfg)
   params = model.init(jax.random.PRNGKey(3), jnp.zeros((1, 8), jnp.int32))
   apply_fn = train.make_apply_fn(model)
   p = params["params"]
-  gen = generate.make_decoder(  # temperature 0: greedy
+  gen = generate.Generator(  # greedy, with a KV cache
     apply_fn,
+    model_cfg,
     max_new=5,
-    eos_id=tok.eos_id,
+    eos_ids=[tok.eos_id],
     pad_id=tok.pad_id,
     vocab_size=tok.vocab_size,
+    batch_size=2,
   )
   prompts = [[tok.bos_id, 10, 11, 12], [tok.bos_id, 20], [tok.bos_id, 7, 8, 9]]
   naive = jax.jit(lambda t: apply_fn(p, t, None, None)[0, -1])
-  got = generate.decode(
-    gen, p, prompts, max_new=5, pad_id=tok.pad_id, batch_size=2
-  )
+  got = gen.generate(p, prompts)
   for prompt, out in zip(prompts, got, strict=True):
     seq = list(prompt)
     expect = []
@@ -204,11 +204,10 @@ def test_task_accuracy_overall_and_per_task(setup, monkeypatch):
     ]
   )
   answers = [" 3", " 11", " a b"]  # right, wrong, right
-  monkeypatch.setattr(generate, "make_decoder", lambda *a, **k: None)
   monkeypatch.setattr(
     generate,
-    "decode",
-    lambda *a, **k: [tok.encode(t) + [tok.eos_id] for t in answers],
+    "make_text_decoder",
+    lambda *a, **k: lambda params, prompts, key=None: answers,
   )
   got = ev.evaluate(None, None)
   assert got == {

@@ -18,7 +18,7 @@ from conftest import tiny_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jft import checkpoint, optim, sharding, train
+from jft import checkpoint, init, optim, sharding, train
 from jft import config as base
 from jft.config import DEFAULT_RULES
 from jft.data.tokenizer import Tokenizer
@@ -198,7 +198,7 @@ def test_optimizer_state_shards_like_its_params(run):
 def _abstract_state(config, mesh):
   """The TrainState train.run builds, as ShapeDtypeStructs placed on mesh."""
   tok = Tokenizer.load(config.data.tokenizer)
-  model = transformer.Transformer(train.resolve_model_config(config, tok))
+  model = transformer.Transformer(init.model_config(config, tok))
   boxed = jax.eval_shape(
     lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"],
     jax.random.PRNGKey(0),
@@ -210,7 +210,9 @@ def _abstract_state(config, mesh):
     nn.unbox(boxed),
     shardings,
   )
-  trainable, frozen = split_params(params, train.freeze_table(config))
+  trainable, frozen = split_params(
+    params, train.freeze_table(config, model.config)
+  )
   opt, _ = optim.make_optimizer(config.optimizer, config.total_steps, trainable)
   opt_abs = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

@@ -14,7 +14,7 @@ from absl import flags
 from conftest import tiny_config
 from ml_collections import config_flags
 
-from jft import checkpoint, optim, steps, train
+from jft import checkpoint, init, optim, steps, train
 from jft.data.tokenizer import Tokenizer
 from jft.models import transformer
 from jft.objectives.clm import CLM
@@ -37,12 +37,12 @@ def _train_losses(workdir):
 def test_grad_accumulation_equals_one_big_batch(suite_dir):
   config = tiny_config(suite_dir)
   tok = Tokenizer.load(config.data.tokenizer)
-  model_cfg = train.resolve_model_config(config, tok)
+  model_cfg = init.model_config(config, tok)
   model = transformer.Transformer(model_cfg)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
   trainable, frozen = split_params(
     jax.tree.map(lambda x: x, __import__("flax").linen.unbox(params["params"])),
-    train.freeze_table(config),
+    train.freeze_table(config, model_cfg),
   )
   opt, sched = optim.make_optimizer(config.optimizer, 10, trainable)
   state = TrainState(
@@ -222,20 +222,19 @@ def test_cli_default_config_runs_end_to_end(tmp_path):
 
 def test_stage_cache_key_follows_config_preset_and_suite(tmp_path, monkeypatch):
   from jft import config as base
-  from jft import stages
   from jft.data import tasks
   from jft.models import presets
 
   c = base.base_config()
   c.stage_cache = str(tmp_path)
-  a, _ = stages.stage_workdir("configs/pretrain_clm.py", c)
+  a, _ = init.stage_workdir("configs/pretrain_clm.py", c)
   assert a.startswith(str(tmp_path)) and "pretrain_clm-" in a
-  assert stages.stage_workdir("configs/pretrain_clm.py", c)[0] == a
-  assert stages.stage_workdir("configs/pretrain_clm.py:mini", c)[0] != a
+  assert init.stage_workdir("configs/pretrain_clm.py", c)[0] == a
+  assert init.stage_workdir("configs/pretrain_clm.py:mini", c)[0] != a
   changed = dict(presets.PRESETS["tiny"], d_model=96)
   monkeypatch.setitem(presets.PRESETS, "tiny", changed)
-  b, _ = stages.stage_workdir("configs/pretrain_clm.py", c)
+  b, _ = init.stage_workdir("configs/pretrain_clm.py", c)
   assert b != a
   # a new built-in suite format retrains stages that trained on the suite
   monkeypatch.setattr(tasks, "FORMAT_VERSION", tasks.FORMAT_VERSION + 1)
-  assert stages.stage_workdir("configs/pretrain_clm.py", c)[0] != b
+  assert init.stage_workdir("configs/pretrain_clm.py", c)[0] != b

@@ -14,6 +14,7 @@ pushing them further down did not help it (see the README).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -77,14 +78,20 @@ def make_answer_fn(
   apply_fn, params, tokenizer, *, max_new: int, temperature: float
 ) -> AnswerFn:
   """Decoded answers of the model `params` (greedy when key is None)."""
-  greedy = generate.make_text_decoder(apply_fn, tokenizer, max_new=max_new)
+  greedy = generate.make_text_decoder(
+    apply_fn, tokenizer, max_new=max_new, batch_size=256
+  )
   sampler = generate.make_text_decoder(
-    apply_fn, tokenizer, max_new=max_new, temperature=temperature
+    apply_fn,
+    tokenizer,
+    max_new=max_new,
+    sampling=generate.Sampling(temperature=temperature),
+    batch_size=256,
   )
 
   def answer(prompts, key):
     decoder = greedy if key is None else sampler
-    return decoder(params, prompts, key, batch_size=256)
+    return decoder(params, prompts, key)
 
   return answer
 
@@ -125,9 +132,11 @@ def write_pairs(
 
   def rows():
     for split, recs in records.items():
+      start = time.perf_counter()
       mined, counts = mine(recs, answer_fn, samples=samples, seed=seed)
       if write:
-        print(summary_line(split, counts))
+        took = time.perf_counter() - start
+        print(f"{summary_line(split, counts)}; mined in {took:.1f} s")
       yield split, mined
 
   if write:

@@ -76,16 +76,19 @@ def causal_example(
 def clm_example(
   text: str,
   encode: Callable[[str], Sequence[int]],
-  bos_id: int | None,
+  bos_id: int | Sequence[int] | None,
   eos_id: int | None,
 ) -> Example:
   """Language-modelling example: `[bos] + encode(text) + [eos]`, all weighted.
 
-  `bos_id`/`eos_id` may be None for tokenizers without such tokens.
+  `bos_id` is an id, a prefix of ids (a tokenizer's `bos_prefix`, empty for
+  models without bos, e.g. Qwen) or None; `eos_id` an id or None.
   """
   ids = list(encode(text))
-  if bos_id is not None:
+  if isinstance(bos_id, int):
     ids = [bos_id, *ids]
+  elif bos_id is not None:
+    ids = [*bos_id, *ids]
   if eos_id is not None:
     ids = [*ids, eos_id]
   return causal_example(ids)

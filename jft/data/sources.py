@@ -1,9 +1,7 @@
-"""Where a run's data and tokenizer come from.
+"""Where a run's data comes from.
 
 `config.data.train_files == ''` means the built-in task suite, written once
-into `WORKDIR/data`. The tokenizer is, in order: `config.data.tokenizer`, the
-one of the run named by `config.init`, this workdir's own (resume), or one
-trained on the training text and saved as `WORKDIR/tokenizer.model`.
+into `WORKDIR/data`. (The tokenizer's origin is `jft.init`'s concern.)
 """
 
 from __future__ import annotations
@@ -14,9 +12,6 @@ import jax
 
 from jft import sharding
 from jft.data import pipeline, tasks
-from jft.data.tokenizer import Tokenizer, train_tokenizer, write_bytes_atomic
-
-TOKENIZER_FILE = "tokenizer.model"
 
 
 def data_files(config, workdir: str, kind: str) -> tuple[str, str]:
@@ -43,8 +38,9 @@ def data_files(config, workdir: str, kind: str) -> tuple[str, str]:
   return paths[f"{kind}_train"], paths[f"{kind}_eval"]
 
 
-def _corpus_texts(train_spec: str):
-  """Every string field of the training records: what the model will see."""
+def corpus_texts(train_spec: str):
+  """Every string field of the training records: what the model will see
+  (the text a new tokenizer is trained on)."""
   for rec in pipeline.read_jsonl_files(train_spec, required=()):
     for v in rec.values():
       if isinstance(v, str):
@@ -53,43 +49,3 @@ def _corpus_texts(train_spec: str):
         for m in v:
           if isinstance(m, dict) and isinstance(m.get("content"), str):
             yield m["content"]
-
-
-def init_workdir(init: str) -> str | None:
-  """The jft workdir named by `config.init`, if it names one."""
-  if init and not init.startswith("hf:"):
-    return init
-  return None
-
-
-def load_tokenizer(config, workdir: str, train_spec: str) -> Tokenizer:
-  """The run's tokenizer, also kept as WORKDIR/tokenizer.model.
-
-  Keeping a copy makes every workdir self-contained: a later stage that
-  starts from this run (`config.init`) reads the very same vocabulary.
-  """
-  tok = _find_tokenizer(config, workdir, train_spec)
-  own = os.path.join(workdir, TOKENIZER_FILE)
-  if jax.process_index() == 0 and not os.path.exists(own):
-    write_bytes_atomic(own, tok.model_proto)  # unique temp name + rename
-  return tok
-
-
-def _find_tokenizer(config, workdir: str, train_spec: str) -> Tokenizer:
-  if config.data.tokenizer:
-    return Tokenizer.load(config.data.tokenizer)
-  src = init_workdir(config.init)
-  if src and os.path.exists(os.path.join(src, TOKENIZER_FILE)):
-    return Tokenizer.load(os.path.join(src, TOKENIZER_FILE))
-  if config.init.startswith("hf:"):
-    path = os.path.join(config.init[3:], "tokenizer.model")
-    if os.path.exists(path):
-      return Tokenizer.load(path)
-  own = os.path.join(workdir, TOKENIZER_FILE)
-  if os.path.exists(own):
-    return Tokenizer.load(own)
-  return train_tokenizer(
-    _corpus_texts(train_spec),
-    output_path=own,
-    vocab_size=config.data.tokenizer_vocab_size,
-  )

@@ -1,4 +1,5 @@
-"""SentencePiece tokenizer: a picklable wrapper, training, and a small CLI.
+"""Tokenizers: the interface jft uses, loading, and jft's SentencePiece models
+(a picklable wrapper, training, and a small CLI).
 
 Trained models (`train_tokenizer`) have fixed special ids, pad=0, unk=1, bos=2,
 eos=3, [MASK]=4 (for MLM), and are lossless: identity normalisation, no
@@ -7,6 +8,32 @@ decode(encode(s)) == s. There is no dummy prefix: encoding a prompt and its
 completion (" answer") separately gives the same ids as encoding them joined,
 which SFT/DPO masking relies on. Digits are split into single tokens, so
 arithmetic is over digits rather than over arbitrary BPE merges of numbers.
+
+The tokenizer interface (`TextTokenizer`) is what the rest of jft calls;
+this SentencePiece `Tokenizer` and, for Hugging Face checkpoints,
+`jft.data.hf_tokenizer.HFTokenizer` (tokenizer.json) and
+`HFSentencePieceTokenizer` (tokenizer.model) implement it:
+
+  vocab_size      every id, added tokens included
+  pad_id          int; bos_id: int | None; eos_id: the primary eos
+  eos_ids         every id that ends generation (eos first)
+  unk_id          int | None; mask_id raises when there is none
+  bos_prefix      ids a sequence starts with ([bos], or [] e.g. for Qwen)
+  encode(text)    ids, no special tokens added
+  decode(ids)     text, special tokens skipped (numpy arrays accepted)
+  id_to_piece(i)
+  encode_segments(texts)
+                  ids of "".join(texts), split per text; their concatenation
+                  is the tokenization sequences are trained on
+  chat_template   Jinja source or None; apply_chat_template(messages,
+                  add_generation_prompt=False, **kwargs) -> str
+  files, save(directory)
+                  the tokenizer's own files ({name: bytes}), written
+                  atomically, so workdirs and exported checkpoints carry them
+  picklable       (grain workers): bytes travel, the backend is rebuilt
+
+`load_tokenizer_dir(path)` (a checkpoint or workdir) and
+`load_tokenizer_file(path)` return the right one.
 
 CLI:
   python -m jft.data.tokenizer --input=a.jsonl,b.txt --field=text \
@@ -20,14 +47,71 @@ import itertools
 import json
 import os
 import sys
-import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import sentencepiece as spm
 from absl import flags
 
+from jft.data.hf_meta import CONFIG_FILE
+from jft.data.hf_tokenizer import (
+  JSON_FILE,
+  HFSentencePieceTokenizer,
+  HFTokenizer,
+)
+from jft.data.tokenizer_util import save_files, write_bytes_atomic
+
+__all__ = [
+  "MODEL_FILE",
+  "TextTokenizer",
+  "Tokenizer",
+  "load_tokenizer_dir",
+  "load_tokenizer_file",
+  "train_tokenizer",
+  "write_bytes_atomic",
+]
+
 MASK_PIECE = "[MASK]"
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+MODEL_FILE = "tokenizer.model"
+TOKENIZER_FILES = (JSON_FILE, MODEL_FILE)  # in order of preference
+
+
+class TextTokenizer(Protocol):
+  """What jft needs of a tokenizer (see the module docstring)."""
+
+  @property
+  def vocab_size(self) -> int: ...
+  @property
+  def pad_id(self) -> int: ...
+  @property
+  def bos_id(self) -> int | None: ...
+  @property
+  def eos_id(self) -> int: ...
+  @property
+  def eos_ids(self) -> tuple[int, ...]: ...
+  @property
+  def unk_id(self) -> int | None: ...
+  @property
+  def mask_id(self) -> int: ...
+  @property
+  def bos_prefix(self) -> list[int]: ...
+  @property
+  def chat_template(self) -> str | None: ...
+  @property
+  def files(self) -> dict[str, bytes]: ...
+
+  def encode(self, text: str) -> list[int]: ...
+  def decode(self, ids: Iterable[int]) -> str: ...
+  def id_to_piece(self, i: int) -> str: ...
+  def encode_segments(self, texts: Sequence[str]) -> list[list[int]]: ...
+  def apply_chat_template(
+    self,
+    messages: Sequence[Mapping[str, Any]],
+    add_generation_prompt: bool = False,
+    **kwargs,
+  ) -> str: ...
+  def save(self, directory: str | os.PathLike) -> list[str]: ...
 
 
 class Tokenizer:
@@ -85,7 +169,9 @@ class Tokenizer:
         raise ValueError(
           f"Tokenizer {self._name!r} has no {key[:-3]} token ({key}="
           f"{value}); jft needs pad, bos and eos. Train one with "
-          "jft.data.tokenizer.train_tokenizer."
+          "jft.data.tokenizer.train_tokenizer, or, for a Hugging Face "
+          "checkpoint's tokenizer.model, load its directory (with "
+          "tokenizer_config.json) by jft.data.tokenizer.load_tokenizer_dir."
         )
     if self.pad_id == self.eos_id:
       raise ValueError(
@@ -137,6 +223,46 @@ class Tokenizer:
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))
 
+  @property
+  def name(self) -> str:
+    return self._name
+
+  @property
+  def eos_ids(self) -> tuple[int, ...]:
+    return (self.eos_id,)
+
+  @property
+  def bos_prefix(self) -> list[int]:
+    return [self.bos_id]
+
+  def encode_segments(self, texts: Sequence[str]) -> list[list[int]]:
+    """Ids of each text, encoded apart.
+
+    jft's models have no dummy prefix and split digits, so a prompt and its
+    completion tokenize the same apart as joined (tests/test_tokenizer.py
+    checks it on the built-in suite); encoding apart is also how a prompt is
+    encoded for generation.
+    """
+    return [self.encode(t) for t in texts]
+
+  @property
+  def chat_template(self) -> None:
+    return None
+
+  def apply_chat_template(self, messages, add_generation_prompt=False, **kw):
+    raise ValueError(
+      f"Tokenizer {self._name!r} has no chat template; jft's own models use "
+      "the role table config.sft.chat_template (config.sft.template='table')."
+    )
+
+  @property
+  def files(self) -> dict[str, bytes]:
+    return {MODEL_FILE: self._proto}
+
+  def save(self, directory: str | os.PathLike) -> list[str]:
+    """Writes `tokenizer.model` into `directory` (atomically)."""
+    return save_files(self.files, directory)
+
   def __repr__(self) -> str:
     return f"Tokenizer({self._name!r}, vocab_size={self.vocab_size})"
 
@@ -158,20 +284,6 @@ def _file_lines(path: str, field: str | None) -> Iterator[str]:
       if field not in record:
         raise KeyError(f"{path}:{lineno} has no field {field!r}.")
       yield record[field]
-
-
-def write_bytes_atomic(path: str, data: bytes) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def train_tokenizer(
@@ -223,6 +335,47 @@ def train_tokenizer(
   tok = Tokenizer(proto, name=output_path)
   write_bytes_atomic(output_path, proto)
   return tok
+
+
+# ------------------------------------------------------------------ loading
+
+
+def load_tokenizer_dir(path: str | os.PathLike) -> TextTokenizer:
+  """The tokenizer of a checkpoint or workdir directory.
+
+  tokenizer.json (`HFTokenizer`) is preferred; else tokenizer.model: as a
+  Hugging Face checkpoint's (`HFSentencePieceTokenizer`) when
+  tokenizer_config.json is beside it, else as jft's own (`Tokenizer`,
+  strict). Raises FileNotFoundError naming the directory and the files
+  looked for.
+  """
+  path = os.fspath(path)
+  for name in TOKENIZER_FILES:
+    file = os.path.join(path, name)
+    if os.path.isfile(file):
+      return load_tokenizer_file(file)
+  looked = ", ".join(TOKENIZER_FILES)
+  raise FileNotFoundError(
+    f"No tokenizer in {path!r}: looked for {looked}"
+    + ("" if os.path.isdir(path) else " (the directory does not exist)")
+  )
+
+
+def load_tokenizer_file(path: str | os.PathLike) -> TextTokenizer:
+  """A tokenizer from one file: a `.json` (tokenizer.json) or a `.model`
+  (SentencePiece); the HF JSON files beside it are read as in
+  `load_tokenizer_dir`. A directory is passed to `load_tokenizer_dir`."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    return load_tokenizer_dir(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"Tokenizer file not found: {path!r}.")
+  if path.endswith(".json"):
+    return HFTokenizer.load(path)
+  directory = os.path.dirname(path) or "."
+  if os.path.isfile(os.path.join(directory, CONFIG_FILE)):
+    return HFSentencePieceTokenizer.load(path)
+  return Tokenizer.load(path)
 
 
 # ----------------------------------------------------------------------- CLI

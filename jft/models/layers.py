@@ -1,4 +1,4 @@
-"""Building blocks: the one dense layer, embeddings, RMSNorm and RoPE.
+"""Building blocks: the one dense layer, embeddings and RMSNorm.
 
 Every projection in the model is a `Linear`, so LoRA adapters and quantized
 kernels (jft/peft) only ever need to change this one module: `_kernel()` is
@@ -9,8 +9,6 @@ stddev 0.02, as Hugging Face's `initializer_range`; biases are zeros and norm
 scales ones. Every param carries logical axis names for sharding.
 """
 
-import dataclasses
-import re
 from typing import Any
 
 import flax.linen as nn
@@ -18,43 +16,12 @@ import jax
 import jax.numpy as jnp
 
 from jft.peft import quant
+from jft.peft.options import PeftOptions
 
 Dtype = Any
 
 INIT_STDDEV = 0.02
 default_init = nn.initializers.normal(stddev=INIT_STDDEV)
-
-
-@dataclasses.dataclass(frozen=True)
-class PeftOptions:
-  """LoRA / 4-bit options; each Linear matches its own path against them."""
-
-  lora_rank: int = 0
-  lora_alpha: float = 16.0
-  lora_dropout: float = 0.0
-  lora_rslora: bool = False
-  lora_targets: str = ""  # regex over module paths, e.g. `layers/attn/q`
-  quant_kind: str = ""  # '' | 'int4' | 'nf4'
-  quant_table: tuple = ()  # ((regex over kernel path, 'quantize'|'float'),)
-  quant_block_size: int = 64
-  quant_double: bool = False
-
-  def lora_on(self, path: str) -> bool:
-    return self.lora_rank > 0 and bool(re.fullmatch(self.lora_targets, path))
-
-  def quantized(self, kernel_path: str) -> bool:
-    if not self.quant_kind:
-      return False
-    for rx, label in self.quant_table:
-      if re.fullmatch(rx, kernel_path):
-        return label == "quantize"
-    return False
-
-  @property
-  def lora_scale(self) -> float:
-    """alpha / r, or alpha / sqrt(r) for rsLoRA (Kalajdzievskas 2023)."""
-    r = self.lora_rank
-    return self.lora_alpha / (r**0.5 if self.lora_rslora else r)
 
 
 # Axes of the 4-bit leaves: the packed codes shard like the kernel; scales are
@@ -217,46 +184,35 @@ class Embed(nn.Module):
 
 
 class RMSNorm(nn.Module):
-  """RMSNorm with float32 math (as HF Llama), output in `dtype`."""
+  """RMSNorm with float32 math, output in `dtype`.
+
+  `plus_one` is Gemma's variant: the scale is `1 + w` (w initialised to 0),
+  as HF's GemmaRMSNorm computes it, in float32.
+  """
 
   eps: float = 1e-5
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  plus_one: bool = False
+  axis_name: str | None = "embed"  # None: replicated (per-head norms)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    init = (
+      nn.initializers.zeros_init()
+      if self.plus_one
+      else (nn.initializers.ones_init())
+    )
     scale = self.param(
       "scale",
-      nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+      nn.with_logical_partitioning(init, (self.axis_name,)),
       (x.shape[-1],),
       self.param_dtype,
     )
     x32 = x.astype(jnp.float32)
     var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     y = x32 * jax.lax.rsqrt(var + self.eps)
-    return (y * scale.astype(jnp.float32)).astype(self.dtype)
-
-
-def rope_cos_sin(
-  positions: jax.Array, head_dim: int, theta: float
-) -> tuple[jax.Array, jax.Array]:
-  """cos/sin tables [B, T, head_dim] in float32 (HF Llama layout)."""
-  inv_freq = 1.0 / (
-    theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  )  # [Dh/2]
-  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
-  emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, Dh]
-  return jnp.cos(emb), jnp.sin(emb)
-
-
-def rotate_half(x: jax.Array) -> jax.Array:
-  """[x1, x2] -> [-x2, x1] over the two halves of the last axis."""
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  return jnp.concatenate([-x2, x1], axis=-1)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotates x [B, T, N, Dh] by cos/sin [B, T, Dh]; float32 math."""
-  x32 = x.astype(jnp.float32)
-  cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [B, T, 1, Dh]
-  return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
+    scale = scale.astype(jnp.float32)
+    if self.plus_one:
+      scale = 1.0 + scale
+    return (y * scale).astype(self.dtype)

@@ -1,224 +1,129 @@
-"""Decoder-only transformer (Llama / Qwen2 / SmolLM family), causal or not.
+"""Decoder-only transformer for the Llama, Mistral, Qwen2/3 and Gemma 1-3
+families (one module; the families differ only in config fields).
 
-Pre-norm residual blocks of grouped-query attention with RoPE and a SwiGLU
-MLP; final RMSNorm; tied or untied LM head. Inputs may be packed: tokens
-attend only within their segment (segment id 0 = padding), and RoPE uses the
-`positions` input, which restarts per packed document.
+Pre-norm residual blocks of grouped-query attention with RoPE and a gated
+MLP; final RMSNorm; tied or untied LM head. What the families add:
+
+  Llama 3.x   RoPE scaling (`rope_scaling`: linear, dynamic, llama3, yarn)
+  Mistral     sliding-window attention (`sliding_window`)
+  Qwen2       q/k/v biases (`qkv_bias`); Qwen3: q/k RMSNorm (`qk_norm`)
+  Gemma       GeGLU (`mlp_act='gelu_tanh'`), `(1 + w)` RMSNorm
+              (`norm_plus_one`), embeddings * sqrt(d_model) (`embed_scale`)
+  Gemma 2     norms after attention and MLP too (`sandwich_norm`), score
+              scale `query_pre_attn_scalar**-0.5`, tanh soft-capping of
+              attention scores and final logits, alternating sliding layers
+              (`layer_types`)
+  Gemma 3     q/k norm, and a separate RoPE base for sliding layers
+              (`rope_local_theta`); global layers keep `rope_scaling`
+
+Inputs may be packed: tokens attend only within their segment (segment id 0
+= padding), and RoPE uses the `positions` input, which restarts per packed
+document. With a KV cache (`init_cache`), the same forward appends the new
+tokens' keys and values at `cache['index']` and attends over the cache, so
+decoding runs one prefill and then one-token steps.
 
 Param tree (scanned): `embed/embedding` [V, D], `layers/{attn_norm,mlp_norm}/
 scale` [L, D], `layers/attn/{q,k,v,o}/kernel`, `layers/mlp/{gate,up,down}/
-kernel`, `final_norm/scale`, `lm_head/kernel` [D, V] (untied only). With
-`scan_layers=False` the stack is `layers_0 ...` without the leading L axis.
+kernel`, `final_norm/scale`, `lm_head/kernel` [D, V] (untied only); with
+`qk_norm` `layers/attn/{q,k}_norm/scale` [L, Dh]; with `sandwich_norm`
+`layers/{post_attn,post_mlp}_norm/scale`. With `scan_layers=False` the stack
+is `layers_0 ...` without the leading L axis.
 """
 
-import dataclasses
+from __future__ import annotations
+
+import math
 from collections.abc import Mapping
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jft.models import layers
-from jft.models.presets import PRESETS
+from jft.models import layers, rope
+from jft.models.config import (  # noqa: F401 (re-exported: the model's API)
+  FAMILIES,
+  REMAT_POLICIES,
+  TransformerConfig,
+  config_from_dict,
+  config_to_dict,
+)
 
 # Large negative, finite: fully masked rows give a uniform softmax, not NaN.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
-_DTYPES = ("float32", "bfloat16", "float16")
 
 # Logical axes of the residual stream [B, T, D]. Under `sharding.
 # with_mesh_rules` (train.py) they pin it to the batch axes between blocks,
 # so XLA never keeps a replicated copy; elsewhere they are no-ops.
 ACTIVATION_AXES = ("batch", "length", "embed")
 
-_REMAT_POLICIES = {
-  "none": None,
-  "full": jax.checkpoint_policies.nothing_saveable,
-  "dots": jax.checkpoint_policies.checkpoint_dots,
-  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
-
-@dataclasses.dataclass(frozen=True)
-class TransformerConfig:
-  """Model shape and numerics; frozen and hashable (usable as a static arg).
-
-  `dtype` is the compute dtype (activations and kernels are cast to it),
-  `param_dtype` the storage dtype. `remat` is one of 'none', 'full', 'dots',
-  'dots_no_batch' (jax.checkpoint_policies applied per block).
-  """
-
-  vocab_size: int
-  d_model: int
-  n_layers: int
-  n_heads: int
-  n_kv_heads: int
-  mlp_dim: int
-  head_dim: int | None = None
-  rope_theta: float = 10000.0
-  norm_eps: float = 1e-5
-  qkv_bias: bool = False
-  tie_embeddings: bool = False
-  causal: bool = True
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  scan_layers: bool = True
-  remat: str = "none"
-  # PEFT (see jft/peft): LoRA adapters on the Linear layers whose module path
-  # (e.g. `layers/attn/q`) fully matches `lora_targets`; 4-bit frozen kernels
-  # where the first `(regex, 'quantize'|'float')` row of `quant_table` that
-  # matches the kernel path (e.g. `layers/attn/q/kernel`) says 'quantize'.
-  lora_rank: int = 0
-  lora_alpha: float = 16.0
-  lora_dropout: float = 0.0
-  lora_rslora: bool = False
-  lora_targets: str = ""
-  quant_kind: str = ""  # '' | 'int4' | 'nf4'
-  quant_table: tuple = ()
-  quant_block_size: int = 64
-  quant_double: bool = False
-
-  def __post_init__(self):
-    for name in (
-      "vocab_size",
-      "d_model",
-      "n_layers",
-      "n_heads",
-      "n_kv_heads",
-      "mlp_dim",
-    ):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if self.n_heads % self.n_kv_heads:
-      raise ValueError(
-        f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
-        f"({self.n_kv_heads})"
-      )
-    if self.head_dim is None:
-      if self.d_model % self.n_heads:
-        raise ValueError(
-          f"head_dim is None but d_model ({self.d_model}) is not divisible "
-          f"by n_heads ({self.n_heads}); set head_dim"
-        )
-      object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
-    if self.head_dim <= 0 or self.head_dim % 2:
-      raise ValueError(
-        f"head_dim must be positive and even (RoPE halves), got {self.head_dim}"
-      )
-    for name in ("dtype", "param_dtype"):
-      if getattr(self, name) not in _DTYPES:
-        raise ValueError(
-          f"{name} must be one of {_DTYPES}, got {getattr(self, name)!r}"
-        )
-    if self.remat not in _REMAT_POLICIES:
-      raise ValueError(
-        f"remat must be one of {tuple(_REMAT_POLICIES)}, got {self.remat!r}"
-      )
-
-  @property
-  def compute_dtype(self) -> jnp.dtype:
-    return jnp.dtype(self.dtype)
-
-  @property
-  def weight_dtype(self) -> jnp.dtype:
-    return jnp.dtype(self.param_dtype)
-
-
-_FIELDS = {f.name for f in dataclasses.fields(TransformerConfig)}
-
-
-def config_from_dict(d: Mapping[str, Any]) -> TransformerConfig:
-  """Builds a config from `{'preset': name or '', **fields}`.
-
-  A field set to None takes the preset's value (or the dataclass default);
-  unknown keys raise, naming the key, so a typo never passes silently.
-  """
-  d = dict(d)
-  preset = d.pop("preset", "") or ""
-  if preset and preset not in PRESETS:
-    raise ValueError(
-      f"unknown model preset {preset!r}; known: {sorted(PRESETS)}"
-    )
-  unknown = sorted(set(d) - _FIELDS)
-  if unknown:
-    raise ValueError(
-      f"unknown model config key(s) {unknown}; known: {sorted(_FIELDS)}"
-    )
-  kwargs = dict(PRESETS[preset]) if preset else {}
-  kwargs.update({k: v for k, v in d.items() if v is not None})
-  required = {
-    f.name
-    for f in dataclasses.fields(TransformerConfig)
-    if f.default is dataclasses.MISSING
-  }
-  missing = sorted(required - set(kwargs))
-  if missing:
-    raise ValueError(
-      f"model config is missing {missing} (no preset {preset!r} value)"
-    )
-  return TransformerConfig(**kwargs)
-
-
-def peft_options(cfg: TransformerConfig) -> layers.PeftOptions:
-  return layers.PeftOptions(
-    lora_rank=cfg.lora_rank,
-    lora_alpha=cfg.lora_alpha,
-    lora_dropout=cfg.lora_dropout,
-    lora_rslora=cfg.lora_rslora,
-    lora_targets=cfg.lora_targets,
-    quant_kind=cfg.quant_kind,
-    quant_table=tuple(tuple(r) for r in cfg.quant_table),
-    quant_block_size=cfg.quant_block_size,
-    quant_double=cfg.quant_double,
-  )
-
-
-def _linear(
-  cfg: TransformerConfig,
-  features,
-  axes,
-  name,
-  use_bias=False,
-  deterministic=True,
-  **kw,
-):
+def _linear(cfg, features, axes, name, use_bias=False, det=True, **kw):
   return layers.Linear(
     features,
     axes,
     use_bias=use_bias,
     dtype=cfg.compute_dtype,
     param_dtype=cfg.weight_dtype,
-    peft=peft_options(cfg),
-    deterministic=deterministic,
+    peft=cfg.peft,
+    deterministic=det,
     name=name,
     **kw,
   )
 
 
-def attention_mask(segment_ids: jax.Array, causal: bool) -> jax.Array:
-  """Boolean mask [B, 1, 1, T, S]: same segment and (if causal) k <= q.
+def _norm(cfg, name, axis_name="embed"):
+  return layers.RMSNorm(
+    cfg.norm_eps,
+    cfg.compute_dtype,
+    cfg.weight_dtype,
+    plus_one=cfg.norm_plus_one,
+    axis_name=axis_name,
+    name=name,
+  )
 
-  The causal part uses the index in the row, not `positions`, so packed
-  documents with restarted positions stay causal.
+
+def attention_mask(
+  seg_q: jax.Array,
+  seg_k: jax.Array | None = None,
+  *,
+  causal: bool = True,
+  q_slots: jax.Array | None = None,
+  window: int | None = None,
+) -> jax.Array:
+  """Boolean mask [B, 1, 1, T, S]: same segment, (if causal) key slot <=
+  query slot, and (with a window) fewer than `window` slots apart.
+
+  Slots are indices in the row (or the cache), not `positions`, so packed
+  documents with restarted positions stay causal. Queries sit at slots
+  `q_slots` [T] (default 0..T-1); keys at 0..S-1.
   """
-  mask = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
+  seg_k = seg_q if seg_k is None else seg_k
+  t, s = seg_q.shape[1], seg_k.shape[1]
+  q_slots = jnp.arange(t) if q_slots is None else q_slots
+  k_slots = jnp.arange(s)
+  mask = seg_q[:, :, None] == seg_k[:, None, :]  # [B, T, S]
+  dist = q_slots[:, None] - k_slots[None, :]  # [T, S]
   if causal:
-    t = segment_ids.shape[1]
-    mask = mask & jnp.tril(jnp.ones((t, t), dtype=bool))[None]
+    mask = mask & (dist >= 0)[None]
+  if window:
+    mask = mask & (jnp.abs(dist) < window)[None]
   return mask[:, None, None]  # [B, 1, 1, T, S]
 
 
 class Attention(nn.Module):
-  """Grouped-query self-attention with RoPE; softmax in float32."""
+  """Grouped-query self-attention with RoPE; softmax in float32.
+
+  `cache` is this layer's `(k, v)` [B, S, KV, Dh] or None; with a cache the
+  new keys/values are written at slot `index` and returned.
+  """
 
   config: TransformerConfig
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids):
+  def __call__(self, x, cos, sin, mask, cache=None, index=None):
     cfg = self.config
     b, t, _ = x.shape
     h, kv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -230,10 +135,19 @@ class Attention(nn.Module):
     q = q.reshape(b, t, h, dh)
     k = k.reshape(b, t, kv, dh)
     v = v.reshape(b, t, kv, dh)
-
-    cos, sin = layers.rope_cos_sin(positions, dh, cfg.rope_theta)
-    q = layers.apply_rope(q, cos, sin)
-    k = layers.apply_rope(k, cos, sin)
+    if cfg.qk_norm:  # per head, before RoPE (Qwen3, Gemma 3)
+      q = _norm(cfg, "q_norm", None)(q)
+      k = _norm(cfg, "k_norm", None)(k)
+    q = rope.apply(q, cos, sin)
+    k = rope.apply(k, cos, sin)
+    new_cache = None
+    if cache is not None:
+      k_all, v_all = cache  # [B, S, KV, Dh]
+      start = (0, index, 0, 0)
+      k = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), start)
+      v = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), start)
+      new_cache = (k, v)
+      k, v = k.astype(cfg.compute_dtype), v.astype(cfg.compute_dtype)
 
     # GQA without materialising repeated kv: query head h uses kv head
     # h // (H // KV), as HF `repeat_kv`.
@@ -241,17 +155,22 @@ class Attention(nn.Module):
     scores = jnp.einsum(
       "btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32
     )  # [B, KV, G, T, S]
-    scores = scores / np.sqrt(dh).astype(np.float32)
-    mask = attention_mask(segment_ids, cfg.causal)  # [B, 1, 1, T, S]
+    if cfg.query_pre_attn_scalar:  # Gemma 2/3
+      scores = scores * np.float32(cfg.query_pre_attn_scalar**-0.5)
+    else:
+      scores = scores / np.sqrt(dh).astype(np.float32)
+    if cfg.attn_softcap:
+      scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
     scores = jnp.where(mask, scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [B, T, KV, G, Dh]
     out = out.reshape(b, t, h * dh)  # [B, T, H*Dh]
-    return _linear(cfg, cfg.d_model, ("heads", "embed"), "o", False, det)(out)
+    o = _linear(cfg, cfg.d_model, ("heads", "embed"), "o", cfg.o_bias, det)
+    return o(out), new_cache
 
 
 class Mlp(nn.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU or GeGLU (tanh GELU)."""
 
   config: TransformerConfig
   deterministic: bool = True
@@ -261,36 +180,117 @@ class Mlp(nn.Module):
     cfg, det = self.config, self.deterministic
     gate = _linear(cfg, cfg.mlp_dim, ("embed", "mlp"), "gate", False, det)(x)
     up = _linear(cfg, cfg.mlp_dim, ("embed", "mlp"), "up", False, det)(x)
-    hidden = nn.silu(gate) * up  # [B, T, F]
-    return _linear(cfg, cfg.d_model, ("mlp", "embed"), "down", False, det)(
-      hidden
-    )
+    if cfg.mlp_act == "gelu_tanh":
+      act = jax.nn.gelu(gate, approximate=True)
+    else:
+      act = nn.silu(gate)
+    hidden = act * up  # [B, T, F]
+    down = _linear(cfg, cfg.d_model, ("mlp", "embed"), "down", False, det)
+    return down(hidden)
 
 
 class Block(nn.Module):
-  """Pre-norm residual block; `(x, None)` output so it can be scanned."""
+  """Pre-norm residual block; `(x, new_kv)` output so it can be scanned.
+
+  `shared` holds what every layer uses (RoPE tables, masks, the cache
+  index); `layer` what differs per layer (its sliding flag and KV cache).
+  """
 
   config: TransformerConfig
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids):
+  def __call__(self, x, shared, layer):
     cfg, det = self.config, self.deterministic
-    norm = lambda name: layers.RMSNorm(
-      cfg.norm_eps, cfg.compute_dtype, cfg.weight_dtype, name=name
+    sliding = layer["sliding"]  # [] bool
+
+    def pick(name):  # the sliding layers' variant, where there is one
+      if f"{name}_local" not in shared:
+        return shared[name]
+      return jnp.where(sliding, shared[f"{name}_local"], shared[name])
+
+    kv = (layer["k"], layer["v"]) if "k" in layer else None
+    h = _norm(cfg, "attn_norm")(x)
+    a, new_kv = Attention(cfg, det, name="attn")(
+      h, pick("cos"), pick("sin"), pick("mask"), kv, shared.get("index")
     )
-    h = norm("attn_norm")(x)
-    x = x + Attention(cfg, det, name="attn")(h, positions, segment_ids)
-    h = norm("mlp_norm")(x)
-    x = x + Mlp(cfg, det, name="mlp")(h)
+    if cfg.sandwich_norm:
+      a = _norm(cfg, "post_attn_norm")(a)
+    x = x + a
+    h = _norm(cfg, "mlp_norm")(x)
+    m = Mlp(cfg, det, name="mlp")(h)
+    if cfg.sandwich_norm:
+      m = _norm(cfg, "post_mlp_norm")(m)
+    x = x + m
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)  # [B, T, D]
-    return x, None
+    return x, new_kv
+
+
+def init_cache(
+  cfg: TransformerConfig, batch: int, length: int, dtype=None
+) -> dict[str, jax.Array]:
+  """An empty KV cache for `batch` rows of up to `length` tokens.
+
+  `k`/`v` [L, B, S, KV, Dh] in the compute dtype (or `dtype`); `segment_ids`
+  [B, S] marks filled slots (0 = empty or padding); `index` is the next
+  free slot.
+  """
+  dtype = cfg.compute_dtype if dtype is None else dtype
+  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+  return {
+    "k": jnp.zeros(shape, dtype),
+    "v": jnp.zeros(shape, dtype),
+    "segment_ids": jnp.zeros((batch, length), jnp.int32),
+    "index": jnp.zeros((), jnp.int32),
+  }
 
 
 class Transformer(nn.Module):
-  """Token ids [B, T] -> float32 logits [B, T, V]."""
+  """Token ids [B, T] -> float32 logits [B, T, V] (and the updated cache)."""
 
   config: TransformerConfig
+
+  def _shared(self, positions, segment_ids, cache):
+    """RoPE tables and masks for every layer (both variants if needed)."""
+    cfg = self.config
+    sliding = cfg.sliding_layers
+    shared = {}
+    cos, sin = rope.cos_sin(
+      positions,
+      cfg.head_dim,
+      cfg.rope_theta,
+      cfg.rope_scaling,
+      cfg.max_position_embeddings,
+    )
+    if any(sliding) and cfg.rope_local_theta:  # Gemma 3: local RoPE base
+      local = rope.cos_sin(positions, cfg.head_dim, cfg.rope_local_theta)
+      if all(sliding):
+        cos, sin = local
+      else:
+        shared["cos_local"], shared["sin_local"] = local
+    shared["cos"], shared["sin"] = cos, sin
+    if cache is None:
+      seg_k, q_slots = segment_ids, None
+    else:
+      index = cache["index"]
+      seg_k = jax.lax.dynamic_update_slice(
+        cache["segment_ids"], segment_ids.astype(jnp.int32), (0, index)
+      )
+      q_slots = index + jnp.arange(segment_ids.shape[1])
+      shared["index"] = index
+
+    def mask(window):
+      return attention_mask(
+        segment_ids, seg_k, causal=cfg.causal, q_slots=q_slots, window=window
+      )
+
+    if all(sliding):
+      shared["mask"] = mask(cfg.sliding_window)
+    else:
+      shared["mask"] = mask(None)
+      if any(sliding):
+        shared["mask_local"] = mask(cfg.sliding_window)
+    return shared, seg_k
 
   @nn.compact
   def __call__(
@@ -300,14 +300,19 @@ class Transformer(nn.Module):
     segment_ids: jax.Array | None = None,
     *,
     deterministic: bool = True,
-  ) -> jax.Array:
-    """`deterministic=False` enables LoRA dropout (needs a 'dropout' rng)."""
+    cache: Mapping[str, jax.Array] | None = None,
+  ):
+    """`deterministic=False` enables LoRA dropout (needs a 'dropout' rng).
+
+    With `cache` (see `init_cache`) returns `(logits, new_cache)`.
+    """
     cfg = self.config
     b, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), dtype=jnp.int32)
+    shared, seg_k = self._shared(positions, segment_ids, cache)
 
     embed = layers.Embed(
       cfg.vocab_size,
@@ -317,42 +322,67 @@ class Transformer(nn.Module):
       name="embed",
     )
     x = embed(tokens)  # [B, T, D]
+    if cfg.embed_scale:  # Gemma: the normaliser in the activation dtype
+      x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
 
+    per_layer = {"sliding": jnp.asarray(cfg.sliding_layers)}  # [L]
+    if cache is not None:
+      per_layer["k"], per_layer["v"] = cache["k"], cache["v"]
     block = Block
-    policy = _REMAT_POLICIES[cfg.remat]
     if cfg.remat != "none":
-      block = nn.remat(block, policy=policy, prevent_cse=not cfg.scan_layers)
+      block = nn.remat(
+        block,
+        policy=REMAT_POLICIES[cfg.remat],
+        prevent_cse=not cfg.scan_layers,
+      )
     if cfg.scan_layers:
       stack = nn.scan(
         block,
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast, 0),
         length=cfg.n_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
       )(cfg, deterministic, name="layers")
-      x, _ = stack(x, positions, segment_ids)
+      x, new_kv = stack(x, shared, per_layer)
     else:
+      outs = []
       for i in range(cfg.n_layers):
-        x, _ = block(cfg, deterministic, name=f"layers_{i}")(
-          x, positions, segment_ids
+        layer_i = jax.tree.map(lambda a, i=i: a[i], per_layer)
+        x, kv_i = block(cfg, deterministic, name=f"layers_{i}")(
+          x, shared, layer_i
         )
+        outs.append(kv_i)
+      new_kv = None
+      if cache is not None:
+        new_kv = jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
-    x = layers.RMSNorm(
-      cfg.norm_eps, cfg.compute_dtype, cfg.weight_dtype, name="final_norm"
-    )(x)
+    x = _norm(cfg, "final_norm")(x)
     if cfg.tie_embeddings:
-      return embed.attend(x)  # [B, T, V]
-    head = _linear(
-      cfg,
-      cfg.vocab_size,
-      ("embed", "vocab"),
-      "lm_head",
-      deterministic=deterministic,
-      out_dtype=jnp.float32,
-    )
-    return head(x)  # [B, T, V] float32
+      logits = embed.attend(x)  # [B, T, V]
+    else:
+      head = _linear(
+        cfg,
+        cfg.vocab_size,
+        ("embed", "vocab"),
+        "lm_head",
+        det=deterministic,
+        out_dtype=jnp.float32,
+      )
+      logits = head(x)  # [B, T, V] float32
+    if cfg.final_softcap:
+      cap = cfg.final_softcap
+      logits = jnp.tanh(logits / cap) * cap
+    if cache is None:
+      return logits
+    new_cache = {
+      "k": new_kv[0],
+      "v": new_kv[1],
+      "segment_ids": seg_k,
+      "index": cache["index"] + t,
+    }
+    return logits, new_cache
 
 
 def param_count(params) -> int:

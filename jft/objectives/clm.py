@@ -17,7 +17,7 @@ class CLM(base.Objective):
   def make_examples(self, records, split="train"):
     tok = self.tokenizer
     return [
-      pipeline.clm_example(r["text"], tok.encode, tok.bos_id, tok.eos_id)
+      pipeline.clm_example(r["text"], tok.encode, tok.bos_prefix, tok.eos_id)
       for r in records
     ]
 

@@ -35,10 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jft import sharding
-from jft.data import onpolicy, pipeline, sources
+from jft.data import chat, onpolicy, pipeline, sources
 from jft.data.jsonl import DataError
-from jft.objectives import base
-from jft.objectives.sft import TaskEval, fit, load_template
+from jft.objectives import base, sft
+from jft.objectives.sft import TaskEval, fit
 from jft.peft import lora
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "dpop", "simpo", "orpo")
@@ -149,6 +149,10 @@ def split_pair(record, template) -> tuple[str, str, str]:
 
   Accepts `{"prompt","chosen","rejected"}` strings, the same with message
   lists, or chosen/rejected full conversations sharing a prompt prefix.
+  `template` is `sft.chat_format`'s: with the role table the texts are the
+  role-table pieces (eos is appended later); with a tokenizer, its chat
+  template renders conversations, the prompt with the generation prompt and
+  each completion up to and including the template's end-of-turn text.
   """
   where = getattr(record, "where", "?")
   for field in ("chosen", "rejected"):
@@ -160,6 +164,8 @@ def split_pair(record, template) -> tuple[str, str, str]:
   ch, rj = record["chosen"], record["rejected"]
   prompt = record.get("prompt")
   if isinstance(ch, list):
+    if not isinstance(rj, list):
+      raise DataError(f"{where}: 'chosen' and 'rejected' differ in type")
     if prompt is None:  # implicit prompt: the shared message prefix
       k = 0
       while k < min(len(ch), len(rj)) - 1 and ch[k] == rj[k]:
@@ -168,15 +174,21 @@ def split_pair(record, template) -> tuple[str, str, str]:
     if isinstance(prompt, str):
       prompt = [{"role": "user", "content": prompt}]
     for field, msgs in (("chosen", ch), ("rejected", rj)):
+      sft.check_messages(msgs, where, field)
       if len(msgs) != 1 or msgs[0].get("role") != "assistant":
         raise DataError(
           f"{where}: field {field!r} must end in one assistant message"
         )
-    pre = template["assistant"][0]
-    prompt_text = _messages_text(prompt, template, where, "prompt") + pre
-    ch_text, rj_text = ch[0].get("content"), rj[0].get("content")
-    if not isinstance(ch_text, str) or not isinstance(rj_text, str):
-      raise DataError(f"{where}: assistant messages need string content")
+    if isinstance(template, dict):
+      pre = template["assistant"][0]
+      prompt_text = _messages_text(prompt, template, where, "prompt") + pre
+      ch_text, rj_text = ch[0]["content"], rj[0]["content"]
+    else:
+      if prompt:  # an empty prompt is the template's to render, or refuse
+        sft.check_messages(prompt, where, "prompt")
+      render = sft.render_fn(template)
+      prompt_text, ch_text = chat.split_reply(render, prompt, ch[0], where)
+      _, rj_text = chat.split_reply(render, prompt, rj[0], where)
   else:
     if not isinstance(prompt, str):
       raise DataError(f"{where}: missing or non-string field 'prompt'")
@@ -196,6 +208,24 @@ def first_divergence(a, b) -> int:
   while k < min(len(a), len(b)) and a[k] == b[k]:
     k += 1
   return k
+
+
+def pair_ids(tok, prompt: str, chosen: str, rejected: str):
+  """(prompt ids, chosen ids, rejected ids), the prompt ids shared by both.
+
+  prompt+chosen and prompt+rejected are each tokenized once and split at
+  the prompt by character offsets (`tok.encode_segments`). A tokenizer may
+  merge across that boundary differently in the two, so their prompt ids
+  can differ; the shared prompt is then their longest common prefix and the
+  rest of each prompt part counts as completion. Both sequences stay exact
+  tokenizations of their joined text and condition on identical ids, which
+  the DPO log-ratio assumes; the few moved tokens carry loss like the
+  completion (they differ between the two, so they are part of the choice).
+  """
+  p_c, c = tok.encode_segments([prompt, chosen])
+  p_r, r = tok.encode_segments([prompt, rejected])
+  k = first_divergence(p_c, p_r)
+  return p_c[:k], p_c[k:] + c, p_r[k:] + r
 
 
 def pair_example(prompt_ids, chosen_ids, rejected_ids, mask="full"):
@@ -266,7 +296,7 @@ class DPO(base.Objective):
       )
     if d.loss_type == "robust" and not 0 <= d.label_smoothing < 0.5:
       raise ValueError("config.dpo.label_smoothing must be in [0, 0.5)")
-    self.template = load_template(config.sft)
+    self.template = sft.chat_format(config.sft, tokenizer)
     self.data_stats = {}
     self.tasks = TaskEval(config, tokenizer)
     self.task_records = None  # built-in held-out prompts, when mined
@@ -291,14 +321,22 @@ class DPO(base.Objective):
           raise
         counts["invalid"] += 1
         continue
-      p_ids = [tok.bos_id] + tok.encode(p)
-      comps = [tok.encode(c) + [tok.eos_id], tok.encode(j) + [tok.eos_id]]
+      # The tokenizer's template writes bos and end-of-turn itself.
+      templated = not isinstance(self.template, dict) and isinstance(
+        r["chosen"], list
+      )
+      prefix = [] if templated else tok.bos_prefix
+      eos = [] if templated else [tok.eos_id]
+      p_ids, c_ids, j_ids = pair_ids(tok, p, c, j)
+      p_ids = prefix + p_ids
+      comps = [c_ids + eos, j_ids + eos]
       longest = max(comps, key=len)
       ids, mask, status = fit(
         p_ids + longest,
         [0.0] * len(p_ids) + [1.0] * len(longest),
         seq + 1,
         self.config.dpo.truncation,
+        sft.kept_prefix(p_ids, tok),
       )
       if status == "skipped":
         counts["skipped"] += 1

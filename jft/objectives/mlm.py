@@ -126,7 +126,8 @@ class MLM(base.Objective):
     tok = tokenizer
     self.mask_id = tok.mask_id  # Raises, saying so, if there is none.
     ids = (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id, self.mask_id)
-    self.special_ids = np.asarray(sorted({i for i in ids if i >= 0}), np.int32)
+    ids = {i for i in ids if i is not None and i >= 0}  # unk/bos may be None
+    self.special_ids = np.asarray(sorted(ids), np.int32)
     self.random_ids = np.setdiff1d(
       np.arange(tok.vocab_size, dtype=np.int32), self.special_ids
     )

@@ -5,7 +5,8 @@ Adapters live inside the model's `Linear` layers (`lora_a` [in, r],
 pure functions work on parameter trees: merge folds `scale * A @ B` into the
 kernel (dequantizing a 4-bit base first), so a LoRA or QLoRA run exports a
 plain float model; `zero_adapters` gives the base model's output through the
-same forward (DPO's reference) without a second copy of the weights.
+same forward (DPO's reference) without a second copy of the weights. The
+PEFT adapter file format, both ways, is `jft.interop.peft`'s.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 
-import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from jft.peft import quant
+from jft.peft import options, quant
 from jft.state import flat_paths
 
 
@@ -26,22 +26,11 @@ def unflatten(flat: dict) -> dict:
   return traverse_util.unflatten_dict(flat, sep="/")
 
 
-# Module-path regexes for the usual target sets (paths look like
-# `layers/attn/q`, or `layers_3/mlp/up` when layers are not scanned).
-ALIASES = {
-  "all-linear": r"layers(_\d+)?/(attn/(q|k|v|o)|mlp/(gate|up|down))",
-  "attention": r"layers(_\d+)?/attn/(q|k|v|o)",
-  "mlp": r"layers(_\d+)?/mlp/(gate|up|down)",
-  "qv": r"layers(_\d+)?/attn/(q|v)",
-}
+ALIASES = options.ALIASES
+resolve_targets = options.resolve_targets
 LORA_LEAVES = ("lora_a", "lora_b")
 # Freeze table for adapter training: adapters train, everything else frozen.
 ADAPTER_FREEZE = ((r".*/lora_[ab]", "trainable"), (".*", "frozen"))
-
-
-def resolve_targets(targets: str) -> str:
-  """An alias name or a regex over module paths."""
-  return ALIASES.get(targets, targets)
 
 
 def linear_paths(params: Mapping) -> list[str]:
@@ -67,7 +56,7 @@ def check_targets(regex: str, base_params: Mapping) -> list[str]:
 
 
 def adapters(params: Mapping) -> dict:
-  """Only the LoRA leaves (what `save_adapters` writes)."""
+  """Only the LoRA leaves (what `jft.interop.peft.save_adapter` writes)."""
   return unflatten(
     {
       p: v
@@ -101,8 +90,8 @@ def _float_kernel(flat, module, cfg):
   }
   return quant.dequantize(
     q,
-    kind=cfg.quant_kind,
-    block_size=cfg.quant_block_size,
+    kind=cfg.peft.quant_kind,
+    block_size=cfg.peft.quant_block_size,
     dtype=jnp.float32,
   )
 
@@ -114,13 +103,7 @@ def merge(params: Mapping, cfg) -> dict:
   dequantized (LoRA or not), so the result loads into
   `base_config(cfg)` and exports as an ordinary checkpoint.
   """
-  from jft.models.layers import PeftOptions  # avoid a module cycle
-
-  scale = PeftOptions(
-    lora_rank=max(cfg.lora_rank, 1),
-    lora_alpha=cfg.lora_alpha,
-    lora_rslora=cfg.lora_rslora,
-  ).lora_scale
+  scale = cfg.peft.lora_scale
   flat = flat_paths(params)
   modules = sorted(
     {
@@ -146,13 +129,7 @@ def merge(params: Mapping, cfg) -> dict:
 
 def unmerge(merged: Mapping, adapter_tree: Mapping, cfg) -> dict:
   """Inverse of `merge` for a float base: kernel - scale * A @ B, + adapters."""
-  from jft.models.layers import PeftOptions
-
-  scale = PeftOptions(
-    lora_rank=cfg.lora_rank,
-    lora_alpha=cfg.lora_alpha,
-    lora_rslora=cfg.lora_rslora,
-  ).lora_scale
+  scale = cfg.peft.lora_scale
   flat, ad = flat_paths(merged), flat_paths(adapter_tree)
   out = dict(flat)
   for p, a in ad.items():
@@ -168,74 +145,7 @@ def unmerge(merged: Mapping, adapter_tree: Mapping, cfg) -> dict:
 
 def base_config(cfg):
   """The plain float model `merge` produces: no adapters, no 4-bit."""
-  return dataclasses.replace(
-    cfg, lora_rank=0, lora_targets="", quant_kind="", quant_table=()
-  )
-
-
-def peft_adapter_tensors(params: Mapping, cfg) -> dict[str, jax.Array]:
-  """Adapters in Hugging Face PEFT's naming and layout (A [r,in], B [out,r]).
-
-  Stacked (scanned) adapters are split per layer.
-  """
-  names = {
-    "q": "self_attn.q_proj",
-    "k": "self_attn.k_proj",
-    "v": "self_attn.v_proj",
-    "o": "self_attn.o_proj",
-    "gate": "mlp.gate_proj",
-    "up": "mlp.up_proj",
-    "down": "mlp.down_proj",
-  }
-  out = {}
-  for path, v in flat_paths(adapters(params)).items():
-    parts = path.split("/")
-    leaf = {"lora_a": "lora_A", "lora_b": "lora_B"}[parts[-1]]
-    if parts[0] == "lm_head":
-      out[f"base_model.model.lm_head.{leaf}.weight"] = v.T
-      continue
-    mod = names[parts[-2]]
-
-    def key(i, mod=mod, leaf=leaf):
-      return f"base_model.model.model.layers.{i}.{mod}.{leaf}.weight"
-
-    if parts[0] == "layers":  # scanned: [L, ...]
-      for i in range(v.shape[0]):
-        out[key(i)] = v[i].T
-    else:
-      out[key(int(parts[0].split("_")[1]))] = v.T
-  return out
-
-
-def peft_adapter_config(cfg, base_model: str = "") -> dict:
-  """PEFT's adapter_config.json for `peft_adapter_tensors`."""
-  mods = sorted(
-    {
-      m
-      for m, rx in (
-        ("q_proj", "attn/q"),
-        ("k_proj", "attn/k"),
-        ("v_proj", "attn/v"),
-        ("o_proj", "attn/o"),
-        ("gate_proj", "mlp/gate"),
-        ("up_proj", "mlp/up"),
-        ("down_proj", "mlp/down"),
-      )
-      if re.fullmatch(cfg.lora_targets, f"layers/{rx}")
-    }
-  )
-  return {
-    "peft_type": "LORA",
-    "task_type": "CAUSAL_LM",
-    "r": cfg.lora_rank,
-    "lora_alpha": cfg.lora_alpha,
-    "lora_dropout": cfg.lora_dropout,
-    "use_rslora": cfg.lora_rslora,
-    "target_modules": mods,
-    "bias": "none",
-    "base_model_name_or_path": base_model,
-    "fan_in_fan_out": False,
-  }
+  return dataclasses.replace(cfg, peft=options.NONE)
 
 
 def check_quant_table(
@@ -265,30 +175,3 @@ def check_quant_table(
       f"config.quant.table: labels must be 'quantize' or 'float': {bad}"
     )
   return hit
-
-
-def save_adapters(directory: str, params: Mapping, cfg) -> None:
-  """Writes PEFT's `adapter_model.safetensors` + `adapter_config.json`.
-
-  Written to a temporary folder and renamed, so a crash never leaves a
-  half-written adapter folder that looks complete.
-  """
-  import json
-  import os
-  import shutil
-
-  import numpy as np
-  from safetensors.numpy import save_file
-
-  tensors = {
-    k: np.ascontiguousarray(np.asarray(v, np.float32))
-    for k, v in peft_adapter_tensors(params, cfg).items()
-  }
-  tmp = directory.rstrip("/") + ".tmp"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"))
-  with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
-    json.dump(peft_adapter_config(cfg), f, indent=2)
-  shutil.rmtree(directory, ignore_errors=True)
-  os.replace(tmp, directory)
