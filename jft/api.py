@@ -41,6 +41,10 @@ class Model:
   def logits(self, input_ids) -> np.ndarray:
     """float32 logits [B, T, V] of unpadded token ids [B, T]."""
     ids = _as_ids(input_ids)
+    if ids.size and not (0 <= ids.min() and ids.max() < self.config.vocab_size):
+      raise ValueError(
+        f"input_ids outside the vocabulary [0, {self.config.vocab_size})"
+      )
     return np.asarray(jax.device_get(self._forward(self.params, ids)))
 
   @functools.cache  # noqa: B019 (a Model lives as long as its compiled fns)
@@ -72,6 +76,8 @@ class Model:
     eos hold the pad id; without it exactly `max_new_tokens` are sampled.
     """
     prompts = _as_prompts(input_ids)
+    if not prompts:
+      return np.zeros((0, max_new_tokens), np.int32)
     eos = tuple(self.tokenizer.eos_ids) if stop_at_eos else ()
     sampling = generate.Sampling(temperature, top_k, top_p)
     gen = self._generator(max_new_tokens, eos, sampling)
@@ -79,8 +85,11 @@ class Model:
     return np.asarray(gen.generate(self.params, prompts, key), np.int32)
 
   def encode_prompt(self, prompt, chat: bool = False) -> list[int]:
-    """Token ids of a prompt string (or, with `chat`, message list)."""
+    """Token ids of a prompt: a string (with `chat`, wrapped as one user
+    turn), a list of chat messages, or already token ids."""
     tok = self.tokenizer
+    if _is_ids(prompt):
+      return [int(t) for t in prompt]
     if chat or not isinstance(prompt, str):
       msgs = (
         [{"role": "user", "content": prompt}]
@@ -140,6 +149,15 @@ def _as_ids(input_ids) -> np.ndarray:
   if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
     raise ValueError(f"input_ids must be integer [B, T], got {ids.shape}")
   return ids.astype(np.int32)
+
+
+def _is_ids(prompt) -> bool:
+  """A list (or array) of token ids, as opposed to text or messages."""
+  if isinstance(prompt, np.ndarray):
+    return True
+  return isinstance(prompt, list | tuple) and all(
+    isinstance(t, int | np.integer) for t in prompt
+  )
 
 
 def _as_prompts(input_ids) -> list[list[int]]:

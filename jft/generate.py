@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 import jax
@@ -242,12 +243,13 @@ class Generator:
     self.max_new, self.pad_id = max_new, pad_id
     self.batch_size, self.bucket = batch_size, bucket
     self.sampling = sampling
-    self.mesh = mesh
-    # Rows per batch: a multiple of the mesh's batch shards (8 at least).
-    self.multiple = 8
+    self.mesh, self.vocab_size = mesh, vocab_size
+    self.max_positions = model_cfg.max_position_embeddings
+    # Rows per batch are rounded up to a power of two (few shapes compile)
+    # and to a multiple of the mesh's batch shards.
+    self.shards = 1
     if mesh is not None:
-      shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
-      self.multiple = max(8, shards) // shards * shards
+      self.shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
     self._gen = make_generate_fn(
       apply_fn,
       model_cfg,
@@ -258,14 +260,37 @@ class Generator:
       sampling=sampling,
     )
 
+  def _rows(self, n: int) -> int:
+    rows = 1 << (min(self.batch_size, n) - 1).bit_length()  # power of two
+    return round_up(rows, self.shards)
+
+  def _check(self, prompts) -> None:
+    """Ids the model cannot embed raise (the embedding lookup would clamp
+    them silently); running past the model's positions warns."""
+    for i, p in enumerate(prompts):
+      bad = [t for t in p if not 0 <= t < self.vocab_size]
+      if bad:
+        raise ValueError(
+          f"prompt {i}: token ids {bad[:5]} are outside the vocabulary "
+          f"[0, {self.vocab_size})"
+        )
+    longest = max(len(p) for p in prompts) + self.max_new
+    if self.max_positions and longest > self.max_positions:
+      warnings.warn(
+        f"prompt + max_new_tokens = {longest} positions, past the model's "
+        f"max_position_embeddings={self.max_positions}: quality may degrade",
+        stacklevel=3,
+      )
+
   def generate(self, params, prompts, key=None) -> list[list[int]]:
     if self.sampling.temperature > 0 and key is None:
       raise ValueError("sampling (temperature > 0) needs a key")
-    prompts = [list(p) for p in prompts]
+    prompts = [[int(t) for t in p] for p in prompts]
     if not prompts:
       return []
+    self._check(prompts)
     length = round_up(max(len(p) for p in prompts), self.bucket)
-    bs = round_up(min(self.batch_size, len(prompts)), self.multiple)
+    bs = self._rows(len(prompts))
     outs = []
     for start in range(0, len(prompts), bs):
       chunk = prompts[start : start + bs]
@@ -356,10 +381,12 @@ def _read_prompts(path: str) -> list:
   for r in rows:
     if "messages" in r:
       out.append(r["messages"])
-    elif isinstance(r.get("prompt"), str | list):
+    elif isinstance(r.get("prompt"), str):
       out.append(r["prompt"])
     else:
-      raise DataError(f"{r.where}: needs a 'prompt' or 'messages' field")
+      raise DataError(
+        f"{r.where}: needs a string 'prompt' or a 'messages' list"
+      )
   return out
 
 

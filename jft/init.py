@@ -111,7 +111,8 @@ def stage_workdir(spec: str, config) -> tuple[str, object]:
   """(cached workdir, stage config) for a `run:` spec.
 
   The key covers the stage's resolved config, its preset's shape, the
-  built-in suite's format and jft's code.
+  built-in suite's format, jft's code and, for a stage that starts from
+  another, that stage's key.
   """
   from jft.data import tasks
   from jft.models.presets import PRESETS
@@ -124,6 +125,8 @@ def stage_workdir(spec: str, config) -> tuple[str, object]:
   if not stage.data.train_files:
     payload += f"suite-format-{tasks.FORMAT_VERSION}"
   payload += f"code-{code_version()}"
+  if kind(stage.init) == "stage":  # a changed upstream stage retrains this
+    payload += "after-" + stage_workdir(stage.init[4:], stage)[0]
   key = hashlib.sha256(payload.encode()).hexdigest()
   name = os.path.splitext(os.path.basename(spec.partition(":")[0]))[0]
   return os.path.join(cache_root(config), f"{name}-{key[:12]}"), stage

@@ -117,7 +117,8 @@ def test_import_matches_transformers(case, root):
 @pytest.mark.parametrize("case", FAMILY_CASES + ["llama3", "dynamic"])
 def test_greedy_generation_matches_transformers(case, root):
   """Batched prompts of different lengths, left-padded on both sides."""
-  model, v5, _ = _checkpoint(case, root)
+  _, v5, _ = _checkpoint(case, root)
+  model = hf_models.make_model(case)  # fresh: dynamic RoPE keeps state
   cfg, params = _load(v5)
   rng = np.random.default_rng(1)
   prompts = [list(rng.integers(3, hf_models.VOCAB, n)) for n in (5, 11, 3)]
@@ -193,6 +194,53 @@ def test_bf16_export_says_so_and_rounds(root, tmp_path, capsys):
   got = safetensors.numpy.load_file(os.path.join(out, index[name]))[name]
   want = params["layers"]["mlp"]["up"]["kernel"][1].T
   np.testing.assert_array_equal(got, want.astype(ml_dtypes.bfloat16))
+
+
+@pytest.mark.parametrize("case", ["qwen3", "gemma2"])
+def test_sliding_windows_export_as_they_run(case, root, tmp_path):
+  """Every layer sliding (jft's empty `layer_types` with a window) exports
+  as every layer sliding, not as the family's default pattern."""
+  _, v5, _ = _checkpoint(case, root)
+  cfg, params = _load(v5)
+  cfg = dataclasses.replace(cfg, sliding_window=4, layer_types=())
+  assert cfg.sliding_layers == (True, True, True)
+  out = str(tmp_path / "export")
+  hf.export_model(out, params, cfg, source=v5, dtype="float32")
+  theirs = transformers.AutoModelForCausalLM.from_pretrained(
+    out, attn_implementation="eager"
+  )
+  np.testing.assert_allclose(
+    hf_models.hf_logits(theirs, TOKENS), _logits(cfg, params), atol=ATOL
+  )
+  assert _load(out)[0].sliding_layers == cfg.sliding_layers
+
+
+def test_export_dtype_keys_agree(root, tmp_path):
+  """transformers 5 reads `dtype`, 4 reads `torch_dtype`: both say bf16."""
+  _, v5, _ = _checkpoint("llama", root)
+  assert hf.load_hf_config(v5).get("dtype") == "float32"
+  cfg, params = _load(v5)
+  out = str(tmp_path / "bf16")
+  hf.export_model(out, params, cfg, source=v5, dtype="bfloat16", quiet=True)
+  written = hf.load_hf_config(out)
+  assert written["dtype"] == written["torch_dtype"] == "bfloat16"
+  auto = transformers.AutoConfig.from_pretrained(out)
+  assert str(auto.dtype).endswith("bfloat16")
+
+
+def test_reads_loop_over_short_preads(root, monkeypatch):
+  """The OS returns at most ~2 GB per read: every read must loop."""
+  from jft.interop.hf import tensor_file
+
+  _, v5, _ = _checkpoint("llama", root)
+  cfg, want = _load(v5)
+  real = os.preadv
+  monkeypatch.setattr(
+    tensor_file.os,
+    "preadv",
+    lambda fd, bufs, off: real(fd, [bufs[0][:5]], off),
+  )
+  jax.tree.map(np.testing.assert_array_equal, hf.load_params(v5, cfg), want)
 
 
 def test_sharded_and_quantized_loading_equal_the_plain_path(root):

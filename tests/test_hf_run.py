@@ -93,6 +93,15 @@ def test_generate_api_and_cli_agree_with_transformers(ckpt, loaded, capsys):
     stop = next((i for i, t in enumerate(row) if t in (1, 2)), None)
     if stop is not None:  # after eos: the pad id
       assert set(row[stop + 1 :]) <= {1}
+  assert loaded.generate([], 10).shape == (0, 10)
+  with pytest.raises(ValueError, match=r"prompt 1: token ids \[5000\]"):
+    loaded.generate([[0, 5], [0, 5000]], 4)
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    loaded.logits([[0, 5000]])
+  ids_text = loaded.generate_text([[0, 40, 41, 42]], max_new_tokens=10)[0]
+  assert ids_text == loaded.tokenizer.decode(
+    generate.truncate(out[0], loaded.tokenizer.eos_ids)
+  )
   full = loaded.generate(prompts, 10, stop_at_eos=False)
   assert full.shape == (3, 10)
   np.testing.assert_array_equal(full[:, :1], out[:, :1])
@@ -243,6 +252,23 @@ def test_qlora_run_from_hf_and_adapter_init(ckpt, lora_run, tmp_path):
       "total_steps": 1,
     },
   )
+  # The run starts from the adapter's very leaves, on a 4-bit base.
+  from jft import sharding
+  from jft.interop import peft as peft_format
+  from jft.state import flat_paths
+
+  tok = tokenizers.load_tokenizer_dir(ckpt[0])
+  cfg = init.model_config(config, tok)
+  mesh = sharding.make_mesh(config.mesh)
+  start = flat_paths(
+    init.init_params(config, cfg, mesh, sharding.rules_from_config(config.mesh))
+  )
+  _, saved = peft_format.load_adapter(config.init_adapter, cfg)
+  lora = {p: v for p, v in saved.items() if "/lora_" in p}
+  assert lora and all(
+    np.array_equal(np.asarray(start[p]), v) for p, v in lora.items()
+  )
+  assert "layers/attn/q/kernel_packed" in start
   out = str(tmp_path / "q")
   last = train.run(config, out)
   assert np.isfinite(last["train/loss"])

@@ -122,3 +122,24 @@ def test_stage_key_follows_the_code(monkeypatch, tmp_path):
   a, _ = init.stage_workdir("configs/pretrain_clm.py", c)
   monkeypatch.setattr(init, "code_version", lambda: "something else")
   assert init.stage_workdir("configs/pretrain_clm.py", c)[0] != a
+
+
+def test_stage_key_follows_the_stage_before(tmp_path, monkeypatch):
+  """A change to pretraining alone retrains SFT, which starts from it."""
+  from jft import config as base
+
+  c = base.base_config()
+  c.stage_cache = str(tmp_path)
+  sft, _ = init.stage_workdir("configs/sft.py", c)
+  pre, _ = init.stage_workdir("configs/pretrain_clm.py", c)
+  load = init.load_config_file
+
+  def longer_pretraining(spec):
+    cfg = load(spec)
+    if spec.startswith("configs/pretrain_clm.py"):
+      cfg.total_steps += 1
+    return cfg
+
+  monkeypatch.setattr(init, "load_config_file", longer_pretraining)
+  assert init.stage_workdir("configs/pretrain_clm.py", c)[0] != pre
+  assert init.stage_workdir("configs/sft.py", c)[0] != sft

@@ -50,6 +50,7 @@ import sentencepiece as spm
 import tokenizers
 
 from jft.data.hf_meta import HFBase, HFFiles
+from jft.data.tokenizer_util import load_sp
 
 JSON_FILE = "tokenizer.json"
 MODEL_FILE = "tokenizer.model"
@@ -182,13 +183,7 @@ class HFSentencePieceTokenizer(HFBase):
   @property
   def _backend(self) -> spm.SentencePieceProcessor:
     if self._backend_cache is None:
-      sp = spm.SentencePieceProcessor()
-      try:
-        sp.LoadFromSerializedProto(self._proto)
-      except RuntimeError as e:
-        raise ValueError(
-          f"{self._name!r} is not a valid SentencePiece model: {e}"
-        ) from None
+      sp = load_sp(self._proto, self._name)
       ids = {t: self._sp_id(sp, t) for t in self._meta.special_texts}
       known = [t for t, i in ids.items() if i is not None]
       specials = sorted(known, key=len, reverse=True)  # longest match first

@@ -35,11 +35,12 @@ import hashlib
 import json
 import os
 import string
-import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
+
+from jft.data.tokenizer_util import write_bytes_atomic
 
 TASKS = ("add", "copy", "reverse", "sort")
 SPLITS = ("train", "eval")
@@ -223,19 +224,6 @@ _SUITE_FILES = tuple(
 _MANIFEST = "suite.json"
 
 
-def _write_atomic(path: str, text: str) -> None:
-  """Write via a temp file + rename, so readers never see a partial file."""
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def _jsonl(rows: Sequence[dict]) -> str:
   return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
@@ -328,6 +316,6 @@ def write_once(
   if os.path.exists(manifest):
     os.remove(manifest)
   for name, r in rows():
-    _write_atomic(paths[name], _jsonl(r))
-  _write_atomic(manifest, json.dumps(params, indent=2) + "\n")
+    write_bytes_atomic(paths[name], _jsonl(r).encode("utf-8"))
+  write_bytes_atomic(manifest, (json.dumps(params, indent=2) + "\n").encode())
   return True

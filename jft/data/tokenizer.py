@@ -59,7 +59,7 @@ from jft.data.hf_tokenizer import (
   HFSentencePieceTokenizer,
   HFTokenizer,
 )
-from jft.data.tokenizer_util import save_files, write_bytes_atomic
+from jft.data.tokenizer_util import load_sp, save_files, write_bytes_atomic
 
 __all__ = [
   "MODEL_FILE",
@@ -152,14 +152,7 @@ class Tokenizer:
   @property
   def _sp(self) -> spm.SentencePieceProcessor:
     if self._sp_cache is None:
-      sp = spm.SentencePieceProcessor()
-      try:
-        sp.LoadFromSerializedProto(self._proto)
-      except RuntimeError as e:
-        raise ValueError(
-          f"{self._name!r} is not a valid SentencePiece model: {e}"
-        ) from None
-      self._sp_cache = sp
+      self._sp_cache = load_sp(self._proto, self._name)
     return self._sp_cache
 
   def _validate(self) -> None:

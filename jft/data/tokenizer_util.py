@@ -1,5 +1,6 @@
-"""Small pieces every jft tokenizer shares: token offsets -> segments, and
-atomic file writes for a tokenizer's files."""
+"""Small pieces jft's tokenizers share: token offsets -> segments, loading a
+SentencePiece model from bytes, and atomic file writes (also used for the
+built-in suite's files)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import bisect
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
+
+import sentencepiece as spm
 
 
 def split_by_offsets(
@@ -65,3 +68,15 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def load_sp(proto: bytes, name: str) -> spm.SentencePieceProcessor:
+  """A SentencePiece processor from a serialized model; errors name it."""
+  sp = spm.SentencePieceProcessor()
+  try:
+    sp.LoadFromSerializedProto(proto)
+  except RuntimeError as e:
+    raise ValueError(
+      f"{name!r} is not a valid SentencePiece model: {e}"
+    ) from None
+  return sp

@@ -339,7 +339,7 @@ def config_to_hf(
   model_type = _MODEL_TYPE[family]
   d = {}
   if source and source.get("model_type") == model_type:
-    drop = ("rope_parameters", "rope_scaling", "layer_types", "torch_dtype")
+    drop = ("rope_parameters", "rope_scaling", "layer_types")
     d = {k: v for k, v in source.items() if k not in drop}
   d.update(
     architectures=[ARCHITECTURES[family]],
@@ -355,7 +355,8 @@ def config_to_hf(
     rope_theta=cfg.rope_theta,
     rope_scaling=cfg.rope_scaling.to_hf(),
     tie_word_embeddings=cfg.tie_embeddings,
-    torch_dtype=dtype,
+    torch_dtype=dtype,  # transformers 4 reads this key,
+    dtype=dtype,  # transformers 5 this one: both, so neither disagrees
   )
   if cfg.max_position_embeddings:
     d["max_position_embeddings"] = cfg.max_position_embeddings
@@ -396,25 +397,26 @@ def config_to_hf(
 
 
 def _window_fields(d: dict, cfg) -> None:
-  """sliding_window / layer_types in each family's own spelling."""
+  """sliding_window / layer_types in each family's own spelling, the layer
+  types always written out (an empty jft `layer_types` with a window means
+  every layer slides, which no family's default would reproduce)."""
   family, window = cfg.family, cfg.sliding_window
-  types = [f"{t}_attention" for t in cfg.layer_types] or None
+  sliding = cfg.sliding_layers
+  types = [("sliding" if s else "full") + "_attention" for s in sliding]
   if family == "mistral":
+    if window is not None and not all(sliding):
+      raise ValueError("Mistral slides on every layer or on none")
     d["sliding_window"] = window
-    if cfg.layer_types and "full" in cfg.layer_types:
-      raise ValueError("Mistral slides on every layer or none")
   elif family in ("qwen2", "qwen3"):
     d["use_sliding_window"] = window is not None
     d["sliding_window"] = window
-    if types:
+    if window is not None:
       d["layer_types"] = types
       d["max_window_layers"] = (
-        cfg.layer_types.index("sliding")
-        if ("sliding" in cfg.layer_types)
-        else cfg.n_layers
+        sliding.index(True) if any(sliding) else (cfg.n_layers)
       )
   elif family in ("gemma2", "gemma3"):
     d["sliding_window"] = window
-    d["layer_types"] = types or ["full_attention"] * cfg.n_layers
+    d["layer_types"] = types
   elif window is not None:
     raise ValueError(f"{family} has no sliding-window attention")

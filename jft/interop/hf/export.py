@@ -83,7 +83,7 @@ def export_model(
   if dtype == "keep":
     dtype = param_dtype
   if dtype is None:
-    dtype = (src_cfg or {}).get("torch_dtype") or (src_cfg or {}).get("dtype")
+    dtype = (src_cfg or {}).get("dtype") or (src_cfg or {}).get("torch_dtype")
     dtype = dtype or param_dtype
   if np.dtype(_np(dtype)).itemsize < np.dtype(_np(param_dtype)).itemsize:
     if not quiet:
@@ -92,6 +92,8 @@ def export_model(
         "(pass --dtype=float32 for an exact copy)"
       )
   ids = special_ids(tokenizer)
+  if src_cfg is not None and src_cfg.get("pad_token_id") is None:
+    ids.pop("pad_token_id", None)  # jft pads with eos; the source has none
   config = hf_config.config_to_hf(
     model_cfg, dtype=dtype, source=src_cfg, special_ids=ids
   )

@@ -86,26 +86,43 @@ class TensorFile:
     return self._header[name][1]
 
   def read(self, name: str, index: tuple = ()) -> np.ndarray:
-    """`tensor[index]` (a tuple of slices, one per leading dim at most),
-    reading only the rows of the first dim the slice covers."""
+    """`tensor[index]` (a tuple of contiguous slices), reading from disk
+    only the rows of the first dim the slice covers and, for a 2-D tensor
+    whose columns are sliced to less than half a row (an FSDP shard of an
+    HF [out, in] kernel), only those columns of each row."""
     dtype, shape, offset = self._header[name]
+    if not shape:
+      return self._pread(offset, dtype.itemsize, name).view(dtype).reshape(())
     index = tuple(index) + (slice(None),) * (len(shape) - len(index))
-    if not shape:
-      rows = range(1)
-    else:
-      rows = range(shape[0])[index[0]]
-    if len(shape) and rows.step != 1:
+    ranges = [range(n)[i] for n, i in zip(shape, index, strict=True)]
+    if any(r.step != 1 for r in ranges):
       raise ValueError("strided reads are not supported")
-    row = int(np.prod(shape[1:])) * dtype.itemsize
+    rows = ranges[0]
+    row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+    if len(shape) == 2 and 0 < 2 * len(ranges[1]) < shape[1]:
+      cols = ranges[1]
+      out = np.empty((len(rows), len(cols)), dtype)
+      width = len(cols) * dtype.itemsize
+      for j, r in enumerate(rows):
+        start = offset + r * row_bytes + cols.start * dtype.itemsize
+        out[j] = self._pread(start, width, name).view(dtype)
+      return out
     first = rows.start if len(rows) else 0
-    nbytes = row * len(rows)
-    buf = os.pread(self._fd, nbytes, offset + first * row) if nbytes else b""
-    if len(buf) != nbytes:
-      raise ValueError(f"{self.path}: tensor {name!r} is truncated")
-    arr = np.frombuffer(buf, dtype).reshape((len(rows), *shape[1:]))
-    if not shape:
-      return arr.reshape(())
+    raw = self._pread(offset + first * row_bytes, row_bytes * len(rows), name)
+    arr = raw.view(dtype).reshape((len(rows), *shape[1:]))
     return arr[(slice(None), *index[1:])]
+
+  def _pread(self, start: int, nbytes: int, name: str) -> np.ndarray:
+    """Exactly `nbytes` from `start` as uint8 (the OS returns at most ~2 GB
+    a call, so large reads loop)."""
+    out = np.empty(nbytes, np.uint8)
+    view, done = memoryview(out), 0
+    while done < nbytes:
+      n = os.preadv(self._fd, [view[done:]], start + done)
+      if n <= 0:
+        raise ValueError(f"{self.path}: tensor {name!r} is truncated")
+      done += n
+    return out
 
   def close(self) -> None:
     os.close(self._fd)
