@@ -8,7 +8,8 @@ a frozen reference copy and ends with a before/after table of held-out
 preference accuracy and greedy task accuracy (also in WORKDIR/summary.md).
   python -m jft.main --config=configs/dpo.py
 Variants and techniques by config keys:
-  --config.dpo.loss_type=ipo|robust|hinge|simpo|orpo  --config.dpo.beta=...
+  --config.dpo.loss_type=ipo|robust|hinge|simpo  --config.dpo.beta=...
+  --config.dpo.loss_type=orpo --config.dpo.rpo_alpha=0  (ORPO has its NLL)
   --config.lora.rank=8                    (LoRA: reference = adapters off)
   --config.lora.rank=8 --config.quant.kind=nf4             (QLoRA)
   --config.dpo.precompute_ref=True        (full FT without a reference copy)

@@ -107,11 +107,14 @@ def _quiet_absl():
     logger.setLevel(level)
 
 
-def load_params(workdir: str, mesh, step: int | None = None) -> dict:
+def load_params(
+  workdir: str, mesh, step: int | None = None, parts=("trainable", "frozen")
+) -> dict:
   """Full parameter tree (trainable + frozen) of another jft run.
 
   Used by `config.init` to start SFT/DPO from a pretraining run. Arrays come
   back as host numpy; the caller places them with its own shardings.
+  `parts=('ref',)` reads the stored reference instead.
   """
   directory = checkpoint_dir(workdir)
   if not os.path.isdir(directory):
@@ -131,7 +134,7 @@ def load_params(workdir: str, mesh, step: int | None = None) -> dict:
       raise FileNotFoundError(f"config.init: no checkpoint in {directory!r}")
     meta = mngr.item_metadata(step)["state"]
     meta = meta.tree if hasattr(meta, "tree") else meta
-    sub = {k: meta[k] for k in ("trainable", "frozen")}
+    sub = {k: meta[k] for k in parts}
     abstract = _abstract_from_metadata(sub, mesh)
     restored = mngr.restore(
       step,
@@ -148,5 +151,5 @@ def load_params(workdir: str, mesh, step: int | None = None) -> dict:
         )
       ),
     )["state"]
-  params = merge_params(restored["trainable"], restored["frozen"])
+  params = merge_params(*(restored[k] for k in parts))
   return jax.tree.map(np.asarray, params)

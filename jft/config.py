@@ -59,6 +59,7 @@ def model_config(preset: str = "tiny") -> ml_collections.ConfigDict:
       layer_types=ph(str),  # comma-separated: full | sliding, one per layer
       tie_embeddings=ph(bool),
       causal=ph(bool),
+      head=ph(str),  # lm | score (reward model) | lm+value (PPO)
       dtype=ph(str),
       param_dtype=ph(str),
       scan_layers=ph(bool),
@@ -171,6 +172,80 @@ def base_config() -> ml_collections.ConfigDict:
       mine_prompts=8000,  # training prompts to mine (0 = all); eval: all
       mine_samples=2,
       mine_temperature=1.0,
+    )
+  )
+
+  # Reward model (objective 'reward', model.head 'score'): Bradley-Terry on
+  # the same rows as DPO, plus an optional numeric "margin" column (TRL's).
+  c.reward = ml_collections.ConfigDict(
+    dict(
+      # TRL's center_rewards_coefficient: + coef * (r_chosen + r_rejected)^2
+      # per pair, pulling rewards towards mean 0; 0 = off.
+      center_rewards_coefficient=0.0,
+      truncation="truncate_prompt",  # or 'skip'; counted and reported
+      on_invalid="error",  # a bad pair or margin: or 'skip' (counted)
+    )
+  )
+
+  # KTO ({"prompt","completion","label"} rows; TRL's KTOTrainer).
+  c.kto = ml_collections.ConfigDict(
+    dict(
+      beta=0.1,
+      desirable_weight=1.0,
+      undesirable_weight=1.0,
+      loss_type="kto",  # kto | apo_zero_unpaired
+    )
+  )
+
+  # Online RL (objectives 'ppo' and 'grpo'): the rollout phase, a data
+  # source of the one training loop (jft/rl/rollouts.py). Prompts are
+  # {"prompt"} rows (+ reference fields reward functions read); built in:
+  # the task suite's SFT prompts.
+  c.rl = ml_collections.ConfigDict(
+    dict(
+      prompts_per_rollout=64,  # prompts sampled per rollout
+      epochs=1,  # passes over each rollout (PPO epochs / GRPO iterations)
+      max_new_tokens=16,
+      temperature=1.0,
+      top_k=0,
+      top_p=1.0,
+      # task | format | reward_model | module:function, comma-separated
+      reward_funcs="task",
+      reward_weights="",  # comma-separated floats; '' = 1 each
+      format_regex=r" \S.*",  # the 'format' reward's pattern
+      # A jft reward-model run (model.head='score') or run:configs/X.py;
+      # scores rollouts for the 'reward_model' reward function.
+      reward_model="",
+      samples_to_log=8,  # rollouts per round written to rollouts/samples
+    )
+  )
+  # PPO (policy with a value head on its trunk: model.head='lm+value').
+  c.ppo = ml_collections.ConfigDict(
+    dict(
+      kl_coef=0.05,  # per-token KL penalty to the reference (k1)
+      adaptive_kl=False,  # Ziegler et al.'s controller towards kl_target
+      kl_target=6.0,
+      kl_horizon=10000,
+      gamma=1.0,
+      lam=0.95,
+      clip=0.2,  # policy ratio clip
+      vf_clip=0.2,  # value clip
+      vf_coef=0.1,
+      missing_eos_penalty=0.0,  # subtracted from the score without an eos
+    )
+  )
+  # GRPO: group-normalised advantages, clipped ratio, k3 KL to the reference.
+  c.grpo = ml_collections.ConfigDict(
+    dict(
+      num_generations=8,  # samples per prompt (the group)
+      beta=0.04,  # KL weight; 0 = no reference at all
+      eps_low=0.2,
+      eps_high=0.2,  # DAPO's clip-higher: e.g. 0.28
+      loss_type="grpo",  # grpo | dr_grpo | dapo
+      scale_rewards="auto",  # auto (not for dr_grpo) | true | false
+      # 'sft_on_correct': the control, NLL on the rollouts whose reward is
+      # positive (rejection sampling) through the same loop; '' = GRPO.
+      control="",
     )
   )
 

@@ -135,8 +135,8 @@ def make_generate_fn(
   def gen(params, tokens, seg, pos, key):
     b, length = tokens.shape
     cache = transformer.init_cache(model_cfg, b, length + max_new)
-    logits, cache = apply_fn(params, tokens, pos, seg, cache=cache)
-    first = step_logits(logits[:, -1])  # [B, V]
+    out, cache = apply_fn(params, tokens, pos, seg, cache=cache)
+    first = step_logits(transformer.logits_of(out)[:, -1])  # [B, V]
     next_pos = pos[:, -1] + 1  # [B]
     out = jnp.full((b, max_new), pad_id, jnp.int32)
 
@@ -158,6 +158,7 @@ def make_generate_fn(
         jnp.ones((b, 1), jnp.int32),
         cache=cache,
       )
+      logits = transformer.logits_of(logits)
       return i + 1, cache, step_logits(logits[:, -1]), done, out
 
     done = jnp.zeros((b,), bool)
@@ -191,7 +192,7 @@ def make_nocache_decoder(
 
     def body(i, carry):
       toks, seg, cur, done, out = carry
-      logits = apply_fn(params, toks, positions, seg)  # [B, L, V]
+      logits = transformer.logits_of(apply_fn(params, toks, positions, seg))
       last = jnp.take_along_axis(logits, (cur - 1)[:, None, None], axis=1)
       k = None if key is None else jax.random.fold_in(key, i)
       nxt = sample(last[:, 0, :vocab_size], k, sampling)

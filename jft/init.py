@@ -125,41 +125,76 @@ def stage_workdir(spec: str, config) -> tuple[str, object]:
   if not stage.data.train_files:
     payload += f"suite-format-{tasks.FORMAT_VERSION}"
   payload += f"code-{code_version()}"
-  if kind(stage.init) == "stage":  # a changed upstream stage retrains this
-    payload += "after-" + stage_workdir(stage.init[4:], stage)[0]
+  for dep in STAGE_KEYS:  # a changed upstream stage retrains this one
+    value = get_key(stage, dep)
+    if isinstance(value, str) and kind(value) == "stage":
+      payload += f"{dep}-after-" + stage_workdir(value[4:], stage)[0]
   key = hashlib.sha256(payload.encode()).hexdigest()
   name = os.path.splitext(os.path.basename(spec.partition(":")[0]))[0]
   return os.path.join(cache_root(config), f"{name}-{key[:12]}"), stage
 
 
+# Config keys that may name a stage (`run:configs/X.py[:ARG]`).
+STAGE_KEYS = ("init", "rl.reward_model")
+
+
+def get_key(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def _set(config, dotted: str, value) -> None:
+  *head, last = dotted.split(".")
+  node = config
+  for part in head:
+    node = node[part]
+  node[last] = value
+
+
+def plan_stages(config):
+  """(stages to train in order, `config` with every `run:` key resolved).
+
+  Each stage is (spec, workdir, its config with its own `run:` keys
+  resolved); a stage two keys share (PPO's policy and reward model both
+  start from SFT) appears once, before whatever starts from it.
+  """
+  order, seen = [], set()
+
+  def visit(cfg):
+    cfg = cfg.copy_and_resolve_references()
+    for key in STAGE_KEYS:
+      value = get_key(cfg, key)
+      if not (isinstance(value, str) and kind(value) == "stage"):
+        continue
+      workdir, stage = stage_workdir(value[4:], cfg)
+      if workdir not in seen:
+        seen.add(workdir)
+        order.append((value[4:], workdir, visit(stage)))
+      _set(cfg, key, workdir)
+    return cfg
+
+  return order, visit(config)
+
+
 def resolve_stages(config, train_fn, *, announce=print):
-  """`config` with a `run:` init replaced by the trained stage's workdir.
+  """`config` with its `run:` keys (`STAGE_KEYS`) replaced by the trained
+  stages' workdirs.
 
   Stages chain (SFT's own init is `run:` pretraining); each is trained by
   `train_fn(stage_config, workdir)` unless its cached run is finished.
   Called before training starts, never from inside the training loop.
   """
-  if kind(config.init) != "stage":
+  order, resolved = plan_stages(config)
+  if not order:
     return config
-  chain = []
-  spec, cfg = config.init[4:], config
-  while True:
-    workdir, stage = stage_workdir(spec, cfg)
-    chain.append((spec, workdir, stage))
-    if kind(stage.init) != "stage":
-      break
-    spec, cfg = stage.init[4:], stage
-  n = len(chain) + 1
-  for i, (spec, workdir, stage) in enumerate(reversed(chain)):
-    if i > 0:  # its own init is the previous stage's workdir
-      stage = stage.copy_and_resolve_references()
-      stage.init = chain[len(chain) - i][1]
+  n = len(order) + 1
+  for i, (spec, workdir, stage) in enumerate(order):
     announce(f"stage {i + 1}/{n}: {spec} -> {workdir}")
     train_fn(stage, workdir)
-  config = config.copy_and_resolve_references()
-  config.init = chain[0][1]
   announce(f"stage {n}/{n}: this run")
-  return config
+  return resolved
 
 
 # -------------------------------------------------------------- tokenizer
@@ -276,7 +311,8 @@ def model_config(config, tokenizer) -> transformer.TransformerConfig:
 
 
 # What a run may set on a model whose architecture comes from `init`.
-FREE_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat")
+FREE_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "head")
+HEAD_LEAVES = {"score": "score/kernel", "lm+value": "value_head/kernel"}
 
 
 def _check_free_fields(config, d) -> None:
@@ -340,6 +376,28 @@ def _load_workdir(init: str, mesh) -> dict:
   if saved.peft.active:
     params = jax.tree.map(np.asarray, lora.merge(params, saved))
   return params
+
+
+def fit_head(params, model_cfg, rng, place=None) -> dict:
+  """A loaded float base made to fit the model's head: a reward model
+  drops the LM head and starts a `score` head (normal 0.02, as HF's
+  initializer_range); a PPO policy adds a zero `value_head` (values start
+  at 0). Other leaves are untouched. `place(path, array)` puts a new leaf
+  on its devices (default: host numpy)."""
+  flat = flat_paths(params)
+  head = model_cfg.head
+  if head == "score":
+    flat.pop("lm_head/kernel", None)
+  leaf = HEAD_LEAVES.get(head)
+  if leaf and leaf not in flat:
+    shape = (model_cfg.d_model, 1)
+    if head == "score":
+      value = 0.02 * jax.random.normal(rng, shape, jnp.float32)
+    else:
+      value = jnp.zeros(shape, jnp.float32)
+    value = value.astype(jnp.dtype(model_cfg.param_dtype))
+    flat[leaf] = place(leaf, value) if place else np.asarray(value)
+  return _unflatten(flat)
 
 
 def check_tree(params, boxed, what: str) -> None:
@@ -432,12 +490,21 @@ def init_params(config, model_cfg, mesh, rules) -> dict:
       )
     wanted = {p: s for p, s in shard_full.items() if "/lora_" not in p}
     wanted.update(flat_paths(shard_base))
+    file_head = hf.config_from_hf(hf.load_hf_config(hf_dir(config.init)))
+    lm_cfg = dataclasses.replace(  # what the files hold (LM, or a classifier)
+      base_cfg, head=file_head.get("head", "lm")
+    )
     params = hf.load_params(
-      hf_dir(config.init), base_cfg, shardings=wanted, quant_plan=plan
+      hf_dir(config.init), lm_cfg, shardings=wanted, quant_plan=plan
+    )
+    shards = flat_paths(shard_base)
+    params = fit_head(
+      params, base_cfg, rng, lambda p, v: jax.device_put(v, shards[p])
     )
     kernels -= at_load
   elif k == "workdir":
     loaded = _load_workdir(config.init, mesh)
+    loaded = fit_head(loaded, base_cfg, rng)
     check_tree(loaded, boxed_base, f"config.init={config.init!r}")
     dtypes = jax.tree.map(lambda x: x.dtype, nn.unbox(boxed_base))
     params = jax.tree.map(

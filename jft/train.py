@@ -7,6 +7,7 @@ by name (`config.objective`); nothing here branches on which one it is.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from absl import logging
 
 from jft import (
   checkpoint,
+  evaluators,
   init,
   metrics,
   objectives,
@@ -27,7 +29,7 @@ from jft import (
   sharding,
   steps,
 )
-from jft.data import pipeline, sources
+from jft.data import feed, sources
 from jft.interop import hf
 from jft.interop import peft as peft_format
 from jft.models import transformer
@@ -84,19 +86,6 @@ def make_apply_fn(model: nn.Module, mesh=None) -> ApplyFn:
   return ApplyFn(model, mesh)
 
 
-def _shard_eval(batches: list[dict], pad_id: int) -> list[dict]:
-  """This process's eval batches, equal in count across processes."""
-  n, i = jax.process_count(), jax.process_index()
-  mine = batches[i::n]
-  total = -(-len(batches) // n)
-  while len(mine) < total:  # an all-padding batch contributes weight 0
-    pad = {k: np.zeros_like(v) for k, v in batches[0].items()}
-    pad["inputs"][:] = pad_id
-    pad["targets"][:] = pad_id
-    mine.append(pad)
-  return mine
-
-
 def run(
   config, workdir: str, *, stop_after: int | None = None
 ) -> dict[str, float]:
@@ -117,12 +106,14 @@ def run(
       )
     ckpt.close()
     return {}
-  if init.kind(config.init) == "stage":
-    raise ValueError(
-      f"config.init={config.init!r}: resolve stages before training "
-      "(jft.init.resolve_stages(config, train.run); python -m jft.main "
-      "does this)"
-    )
+  for key in init.STAGE_KEYS:
+    value = init.get_key(config, key)
+    if isinstance(value, str) and init.kind(value) == "stage":
+      raise ValueError(
+        f"config.{key}={value!r}: resolve stages before training "
+        "(jft.init.resolve_stages(config, train.run); python -m jft.main "
+        "does this)"
+      )
 
   # Mesh.
   mesh = sharding.make_mesh(config.mesh)
@@ -146,6 +137,13 @@ def run(
 
   # Model and parameters.
   model_cfg = init.model_config(config, tokenizer)
+  if model_cfg.head != "lm" and model_cfg.peft.lora_rank:
+    if config.lora.save_adapters and model_cfg.head == "score":
+      raise ValueError(
+        "config.lora.save_adapters=True: PEFT adapter files cannot hold a "
+        "reward model's trained score head; set it False and use "
+        "config.lora.save_merged=True (a sequence classifier)"
+      )
   model = transformer.Transformer(model_cfg)
   if primary:
     resolved = config.to_dict()
@@ -160,57 +158,23 @@ def run(
   params = init.init_params(config, model_cfg, mesh, rules)
   apply_fn = make_apply_fn(model, mesh)
 
-  # Examples (after the model: some data is made with it, e.g. DPO's
-  # on-policy pairs).
-  train_spec, eval_spec = objective.prepare_data(
-    train_spec, eval_spec, workdir=workdir, apply_fn=apply_fn, params=params
+  # Data (after the model: some is made with it, e.g. DPO's on-policy
+  # pairs or RL's rollouts), and what evaluates the run.
+  data = feed.build(
+    config,
+    objective,
+    tokenizer,
+    workdir,
+    apply_fn,
+    params,
+    mesh,
+    _batch_runner(mesh),
+    lm=_starting_lm(config, model_cfg, mesh, rules),
   )
-  train_examples = objective.make_examples(
-    pipeline.read_jsonl_files(train_spec, objective.fields)
+  train_iter, eval_batches = data.train, data.eval_batches
+  evals = evaluators.build(
+    config, tokenizer, data.eval_records, objective.evaluators
   )
-  eval_examples = []
-  if eval_spec:
-    eval_records = pipeline.read_jsonl_files(eval_spec, objective.fields)
-    eval_examples = objective.make_examples(eval_records, split="eval")
-    objective.eval_setup(eval_records)
-
-  # Objective passes over the data with the initial params (e.g. DPO's
-  # reference log-probs), then the input pipelines.
-  train_examples = objective.precompute(
-    train_examples, apply_fn, params, _batch_runner(mesh)
-  )
-  eval_examples = (
-    objective.precompute(eval_examples, apply_fn, params, _batch_runner(mesh))
-    if eval_examples
-    else []
-  )
-  packing = (
-    config.data.packing if objective.packing is None else (objective.packing)
-  )
-  train_iter = pipeline.make_train_iter(
-    train_examples,
-    seq_len=config.seq_len,
-    batch_size=config.batch_size // n_proc,
-    seed=config.seed,
-    pad_id=tokenizer.pad_id,
-    shuffle=config.data.shuffle,
-    num_epochs=config.data.num_epochs,
-    shard_index=jax.process_index(),
-    shard_count=n_proc,
-    packing=packing,
-  )
-  eval_batches = []
-  if eval_examples:
-    eval_batches = _shard_eval(
-      pipeline.make_eval_batches(
-        eval_examples,
-        seq_len=config.seq_len,
-        batch_size=config.eval_batch_size,
-        pad_id=tokenizer.pad_id,
-        packing=packing,
-      ),
-      tokenizer.pad_id,
-    )
 
   trainable, frozen = split_params(params, freeze_table(config, model_cfg))
   for path, leaf in flat_paths(trainable).items():
@@ -218,7 +182,7 @@ def run(
       raise ValueError(
         f"config.freeze: {path} ({leaf.dtype}) cannot be trained; freeze it"
       )
-  ref = objective.reference_params(params)
+  ref = objective.reference_params(params, trainable)
   del params
   optimizer, schedule = optim.make_optimizer(
     config.optimizer, config.total_steps, trainable
@@ -301,20 +265,21 @@ def run(
   )
 
   def evaluate(state) -> dict[str, float]:
-    if not eval_batches:
-      return {}
-    sums = None
-    params = state.params
-    for b in eval_batches:
-      out = p_eval_step(params, state.ref, sharding.global_batch(b, mesh))
-      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    sums = jax.device_get(sums)
-    res = {
-      f"eval/{k}": float(s) / max(float(w), 1e-12) for k, (s, w) in sums.items()
-    }
-    if objective.token_loss:
-      res["eval/perplexity"] = math.exp(min(res["eval/loss"], 80.0))
-    res.update(objective.host_eval(apply_fn, params))
+    params, res = state.params, {}
+    if eval_batches:
+      sums = None
+      for b in eval_batches:
+        out = p_eval_step(params, state.ref, sharding.global_batch(b, mesh))
+        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+      sums = jax.device_get(sums)
+      res = {
+        f"eval/{k}": float(s) / max(float(w), 1e-12)
+        for k, (s, w) in sums.items()
+      }
+      if objective.token_loss:
+        res["eval/perplexity"] = math.exp(min(res["eval/loss"], 80.0))
+    for ev in evals:
+      res.update(ev(apply_fn, params))
     return res
 
   def check_finite(step: int, m) -> None:
@@ -331,7 +296,7 @@ def run(
   last = {}
   if start == 0:
     first = dict(accounting)
-    first.update(getattr(objective, "data_stats", {}))
+    first.update(data.stats)
     if config.eval_every:
       first.update(evaluate(state))
     writer.write(0, first)
@@ -345,14 +310,14 @@ def run(
   tokens, t_last, s_last, pending = 0, time.time(), start, None
   try:
     for step in range(start, config.total_steps):
-      local = next(train_iter)
+      local, source_metrics = train_iter.next(state)
       tokens += int(np.sum(local["weights"] > 0))
       state, m = p_train_step(state, sharding.global_batch(local, mesh))
       s = step + 1
       if pending is not None:  # one step behind: keeps dispatch async
         check_finite(*pending)
       pending = (s, m)
-      out = {}
+      out = {f"train/{k}": v for k, v in source_metrics.items()}  # rollouts
       if s % config.log_every == 0 or s == config.total_steps:
         check_finite(s, m)
         now = time.time()
@@ -391,12 +356,32 @@ def run(
   if int(state.step) >= config.total_steps:
     export(config, workdir, state, model_cfg, tokenizer, primary)
   if primary and int(state.step) >= config.total_steps:
-    report = objective.summary(*metrics.first_and_last(writer.path))
+    report = ""
+    if objective.summary_rows or objective.evaluators:
+      report = evaluators.summary_table(
+        objective.summary_rows, *metrics.first_and_last(writer.path)
+      )
     if report:
       print(report)
       with open(os.path.join(workdir, "summary.md"), "w") as f:
         f.write(report + "\n")
   return last
+
+
+def _starting_lm(config, model_cfg, mesh, rules):
+  """For a reward model (no LM head): a loader of the language model it
+  starts from, which mines its built-in pairs; None otherwise."""
+  if model_cfg.head != "score" or not config.init:
+    return None
+
+  def load():
+    lm_cfg = dataclasses.replace(lora.base_config(model_cfg), head="lm")
+    c = config.copy_and_resolve_references()
+    c.init_adapter, c.lora.rank, c.quant.kind = "", 0, ""
+    params = init.init_params(c, lm_cfg, mesh, rules)
+    return make_apply_fn(transformer.Transformer(lm_cfg), mesh), params
+
+  return load
 
 
 def _batch_runner(mesh):

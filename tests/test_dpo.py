@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from jft import init, train
+from jft import evaluators, init, train
 from jft.data.jsonl import DataError, Record
 from jft.data.tokenizer import Tokenizer
 from jft.objectives import dpo
@@ -342,10 +342,48 @@ def test_summary_table_before_and_after(obj):
     "eval/task_accuracy": 0.75,
     "eval/task_accuracy/add": 0.5,
   }
-  assert obj.summary(first, last).splitlines() == [
+  table = evaluators.summary_table(obj.summary_rows, first, last)
+  assert table.splitlines() == [
     "| held-out metric | before | after |",
     "| --- | --- | --- |",
     "| preference accuracy (implicit reward) | 0.000 | 0.938 |",
     "| task accuracy (greedy) | 0.500 | 0.750 |",
     "| task accuracy: add | 0.250 | 0.500 |",
   ]
+
+
+def test_adapters_off_reference_stays_fixed_when_other_leaves_train():
+  """LoRA's reference is the base with adapters off; if the freeze table
+  also trains a non-adapter leaf, the reference keeps its starting value
+  instead of moving with training."""
+  from jft.objectives import base
+
+  params = {
+    "layers": {
+      "attn": {
+        "q": {
+          "kernel": np.ones((2, 2)),
+          "lora_a": np.ones((2, 1)),
+          "lora_b": np.ones((1, 2)),
+        }
+      }
+    },
+    "final_norm": {"scale": np.ones(2)},
+  }
+  trainable = {
+    "layers": {"attn": {"q": {"lora_a": 0, "lora_b": 0}}},
+    "final_norm": {"scale": 0},
+  }
+  ref = base.Reference("adapters_off")
+  stored = ref.stored(params, jax.tree.map(lambda _: np.zeros(2), trainable))
+  assert set(stored) == {"final_norm"}  # only the moving non-adapter leaf
+  stored = ref.stored(
+    params, {"final_norm": {"scale": params["final_norm"]["scale"]}}
+  )
+  moved = jax.tree.map(lambda x: x + 5.0, params)  # training moved them all
+  got = ref.tree(moved, stored)
+  np.testing.assert_array_equal(got["final_norm"]["scale"], np.ones(2))
+  np.testing.assert_array_equal(got["layers"]["attn"]["q"]["lora_b"], 0.0)
+  np.testing.assert_array_equal(  # frozen leaves are the live (frozen) ones
+    got["layers"]["attn"]["q"]["kernel"], moved["layers"]["attn"]["q"]["kernel"]
+  )

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from jft import init, train
-from jft.data import onpolicy, tasks
+from jft import evaluators, init, train
+from jft.data import feed, onpolicy, tasks
 from jft.data.tokenizer import Tokenizer
 from jft.models import transformer
 from jft.objectives import dpo
@@ -95,7 +95,9 @@ def test_prepare_data_mines_the_models_own_wrong_answers(
   config, tok, apply_fn, params = tiny_model
   obj = dpo.DPO(config, tok)
   kw = dict(workdir=str(tmp_path), apply_fn=apply_fn, params=params)
-  train_path, eval_path = obj.prepare_data("unused", "unused", **kw)
+  train_path, eval_path, held_rows = feed.files(
+    config, obj, tokenizer=tok, **kw
+  )
   with open(os.path.join(tmp_path, "data", "sft_train.jsonl")) as f:
     prompts = [json.loads(line) for line in f][:20]
   greedy = onpolicy.make_answer_fn(
@@ -120,11 +122,12 @@ def test_prepare_data_mines_the_models_own_wrong_answers(
     held_out = [json.loads(line)["prompt"] for line in f]
   assert all(tasks.split_of(p) == "eval" for p in held_out)
   # task accuracy is scored on every held-out prompt, not only mined ones
-  obj.eval_setup([])
-  assert len(obj.tasks.records) == 4 * 3
+  (task_eval,) = evaluators.build(config, tok, held_rows, obj.evaluators)
+  assert len(task_eval.records) == 4 * 3
   # a second call (a resumed run) reuses the files without decoding
   monkeypatch.setattr(onpolicy, "mine", None)
-  assert obj.prepare_data("unused", "unused", **kw) == (train_path, eval_path)
+  again = feed.files(config, obj, tokenizer=tok, **kw)
+  assert again[:2] == (train_path, eval_path)
 
 
 def test_prepare_data_config_errors(tiny_model, tmp_path):
@@ -133,17 +136,15 @@ def test_prepare_data_config_errors(tiny_model, tmp_path):
   bad = config.copy_and_resolve_references()
   bad.dpo.mine_prompts = 10**6
   with pytest.raises(ValueError, match="config.dpo.mine_prompts"):
-    dpo.DPO(bad, tok).prepare_data("", "", **kw)
+    feed.files(bad, dpo.DPO(bad, tok), tokenizer=tok, **kw)
   bad.dpo.builtin_pairs = "mined"
   with pytest.raises(ValueError, match="config.dpo.builtin_pairs"):
-    dpo.DPO(bad, tok).prepare_data("", "", **kw)
+    feed.files(bad, dpo.DPO(bad, tok), tokenizer=tok, **kw)
   # user files are read as given
   user = config.copy_and_resolve_references()
-  user.data.train_files = "a.jsonl"
-  assert dpo.DPO(user, tok).prepare_data("a.jsonl", "b.jsonl", **kw) == (
-    "a.jsonl",
-    "b.jsonl",
-  )
+  user.data.train_files, user.data.eval_files = "a.jsonl", "b.jsonl"
+  got = feed.files(user, dpo.DPO(user, tok), tokenizer=tok, **kw)
+  assert got == ("a.jsonl", "b.jsonl", None)
 
 
 def test_builtin_dpo_run_trains_on_mined_pairs(tiny_model, tmp_path):

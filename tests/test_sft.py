@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from jft import generate, init, train
+from jft import evaluators, generate, init, train
 from jft.data import pipeline
 from jft.data.jsonl import DataError, Record
 from jft.data.tokenizer import Tokenizer
@@ -194,14 +194,15 @@ def test_sft_run_logs_task_accuracy(suite_dir, tmp_path):
 
 def test_task_accuracy_overall_and_per_task(setup, monkeypatch):
   config, tok, _ = setup
-  ev = sft.TaskEval(config, tok)
-  ev.setup(
+  ev = evaluators.TaskAccuracy(
+    config,
+    tok,
     [
       {"task": "add", "prompt": "add: 1 + 2 ="},
       {"task": "add", "prompt": "add: 5 + 5 ="},
       {"task": "sort", "prompt": "sort: b a ="},
       {"prompt": "no task: not scored"},
-    ]
+    ],
   )
   answers = [" 3", " 11", " a b"]  # right, wrong, right
   monkeypatch.setattr(
@@ -209,7 +210,7 @@ def test_task_accuracy_overall_and_per_task(setup, monkeypatch):
     "make_text_decoder",
     lambda *a, **k: lambda params, prompts, key=None: answers,
   )
-  got = ev.evaluate(None, None)
+  got = ev(None, None)
   assert got == {
     "eval/task_accuracy": pytest.approx(2 / 3),
     "eval/task_accuracy/add": 0.5,

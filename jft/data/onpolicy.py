@@ -13,14 +13,16 @@ pushing them further down did not help it (see the README).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
 
 import jax
 
-from jft import generate
-from jft.data import tasks
+from jft import generate, sharding
+from jft.data import pipeline, sources, tasks
+from jft.data.tokenizer_util import write_bytes_atomic
 
 # prompts, key (None = greedy) -> one decoded answer per prompt
 AnswerFn = Callable[[list[str], "jax.Array | None"], list[str]]
@@ -145,3 +147,88 @@ def write_pairs(
     for _ in rows():
       pass
   return paths
+
+
+def builtin_pairs(config, workdir: str, tokenizer, apply_fn, params):
+  """The built-in preference data (`data.train_files` empty): pairs mined
+  from the starting model's own mistakes (`dpo.builtin_pairs='on_policy'`,
+  the default; its `mine_*` settings), or the suite's synthetic near misses.
+  Shared by DPO, the reward model and KTO (which unpairs them).
+
+  Returns (train_spec, eval_spec, held-out suite rows for task accuracy).
+  """
+  c, d = config, config.dpo
+  if d.builtin_pairs not in ("on_policy", "synthetic"):
+    raise ValueError(
+      f"config.dpo.builtin_pairs: unknown {d.builtin_pairs!r}; expected "
+      "'on_policy' or 'synthetic'"
+    )
+  fields = ("task", "prompt", "completion")
+  sft_train, sft_eval = sources.data_files(c, workdir, "sft")
+  held_out = list(pipeline.read_jsonl_files(sft_eval, fields))
+  if d.builtin_pairs == "synthetic":
+    train, ev = sources.data_files(c, workdir, "pref")
+    return train, ev, held_out
+  train = list(pipeline.read_jsonl_files(sft_train, fields))
+  n = d.mine_prompts or len(train)
+  if not 0 < n <= len(train):
+    raise ValueError(
+      f"config.dpo.mine_prompts={d.mine_prompts}: the built-in suite has "
+      f"{len(train)} training prompts"
+    )
+  paths = write_pairs(
+    os.path.join(workdir, "data"),
+    {
+      "init": c.init,
+      "prompts": n,
+      "samples": d.mine_samples,
+      "temperature": d.mine_temperature,
+      "max_new_tokens": c.sft.max_new_tokens,
+      "seed": c.seed,
+    },
+    {"train": train[:n], "eval": held_out},
+    make_answer_fn(
+      apply_fn,
+      params,
+      tokenizer,
+      max_new=c.sft.max_new_tokens,
+      temperature=d.mine_temperature,
+    ),
+    samples=d.mine_samples,
+    seed=c.seed,
+    write=jax.process_index() == 0,
+  )
+  sharding.sync("jft_onpolicy_pairs")
+  for split, path in paths.items():
+    with open(path, encoding="utf-8") as f:
+      if not any(line.strip() for line in f):
+        raise ValueError(
+          f"{path}: the starting model answered every {split} prompt "
+          "right, so there are no pairs to learn from; set "
+          "config.dpo.builtin_pairs='synthetic' or raise "
+          "config.dpo.mine_samples"
+        )
+  return paths["train"], paths["eval"], held_out
+
+
+def unpaired(train_spec: str, eval_spec: str) -> tuple[str, str]:
+  """KTO rows (`{"prompt","completion","label"}`) from preference pairs:
+  each chosen answer a desirable row, each rejected one an undesirable row,
+  written next to the pairs (process 0) as `*_kto.jsonl`."""
+  out = []
+  for spec in (train_spec, eval_spec):
+    path = spec.replace(".jsonl", "") + "_kto.jsonl"
+    if jax.process_index() == 0:
+      rows = []
+      for r in pipeline.read_jsonl_files(
+        spec, ("prompt", "chosen", "rejected")
+      ):
+        for field, label in (("chosen", True), ("rejected", False)):
+          rows.append(
+            {"prompt": r["prompt"], "completion": r[field], "label": label}
+          )
+      text = "".join(json.dumps(r) + "\n" for r in rows)
+      write_bytes_atomic(path, text.encode("utf-8"))
+    out.append(path)
+  sharding.sync("jft_kto_rows")
+  return out[0], out[1]

@@ -1,17 +1,55 @@
-"""Where a run's data comes from.
+"""Where a run's data comes from: files, and the data-source plug-ins.
 
 `config.data.train_files == ''` means the built-in task suite, written once
 into `WORKDIR/data`. (The tokenizer's origin is `jft.init`'s concern.)
+
+The trainer asks its data source for each step's batch with
+`source.next(state)`, which returns `(local batch, metrics)`: a JSONL file
+ignores the state (`Static`); online RL's rollouts are made with the policy
+in it (`jft.rl.rollouts`). Either way the source's position is checkpointed
+with the train state (`get_state` / `set_state`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
 
 from jft import sharding
 from jft.data import pipeline, tasks
+
+
+def state_dict(state) -> dict:
+  """A source state as saved (a dict, or the JSON bytes grain's checkpoint
+  handler passes back)."""
+  if isinstance(state, bytes | str):
+    return json.loads(state)
+  return state
+
+
+class Static:
+  """A source over prepared examples: the grain iterator; the train state
+  is not read."""
+
+  def __init__(self, iterator):
+    self.iterator = iterator
+
+  def next(self, state) -> tuple[dict, dict]:
+    del state
+    return next(self.iterator), {}
+
+  def get_state(self) -> dict:
+    return self.iterator.get_state()
+
+  def set_state(self, state) -> None:
+    self.iterator.set_state(state_dict(state))
+
+  def start_prefetch(self) -> None:
+    start = getattr(self.iterator, "start_prefetch", None)
+    if start is not None:
+      start()
 
 
 def data_files(config, workdir: str, kind: str) -> tuple[str, str]:

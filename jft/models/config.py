@@ -24,6 +24,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
 MLP_ACTS = ("silu", "gelu_tanh")
 LAYER_TYPES = ("full", "sliding")
+HEADS = ("lm", "score", "lm+value")
 
 REMAT_POLICIES = {
   "none": None,
@@ -72,6 +73,7 @@ class TransformerConfig:
   layer_types: tuple = ()
   tie_embeddings: bool = False
   causal: bool = True
+  head: str = "lm"  # lm | score (reward model) | lm+value (PPO policy)
   dtype: str = "float32"
   param_dtype: str = "float32"
   scan_layers: bool = True
@@ -117,6 +119,8 @@ class TransformerConfig:
       )
     if self.family not in FAMILIES:
       raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+    if self.head not in HEADS:
+      raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
     if self.mlp_act not in MLP_ACTS:
       raise ValueError(
         f"mlp_act must be one of {MLP_ACTS}, got {self.mlp_act!r}"

@@ -246,7 +246,12 @@ def init_cache(
 
 
 class Transformer(nn.Module):
-  """Token ids [B, T] -> float32 logits [B, T, V] (and the updated cache)."""
+  """Token ids [B, T] -> float32 logits [B, T, V] (and the updated cache).
+
+  `config.head='score'` returns a scalar per position [B, T] instead (a
+  reward model, read at the last token); 'lm+value' returns (logits,
+  values [B, T]) (a PPO policy with its value head on the same trunk).
+  """
 
   config: TransformerConfig
 
@@ -359,6 +364,25 @@ class Transformer(nn.Module):
         new_kv = jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
     x = _norm(cfg, "final_norm")(x)
+    if cfg.head == "score":
+      out = _scalar_head(cfg, "score", x)  # [B, T]
+    else:
+      out = self._lm_head(embed, x, deterministic)  # [B, T, V]
+      if cfg.head == "lm+value":
+        out = (out, _scalar_head(cfg, "value_head", x))  # + [B, T]
+    if cache is None:
+      return out
+    new_cache = {
+      "k": new_kv[0],
+      "v": new_kv[1],
+      "segment_ids": seg_k,
+      "index": cache["index"] + t,
+    }
+    return out, new_cache
+
+  def _lm_head(self, embed, x, deterministic):
+    """float32 logits [B, T, V] (tied or not, soft-capped where set)."""
+    cfg = self.config
     if cfg.tie_embeddings:
       logits = embed.attend(x)  # [B, T, V]
     else:
@@ -374,15 +398,26 @@ class Transformer(nn.Module):
     if cfg.final_softcap:
       cap = cfg.final_softcap
       logits = jnp.tanh(logits / cap) * cap
-    if cache is None:
-      return logits
-    new_cache = {
-      "k": new_kv[0],
-      "v": new_kv[1],
-      "segment_ids": seg_k,
-      "index": cache["index"] + t,
-    }
-    return logits, new_cache
+    return logits
+
+
+def _scalar_head(cfg, name: str, x) -> jax.Array:
+  """One float32 number per position [B, T]: a reward model's score or a
+  PPO value (a [D, 1] kernel, no bias, as HF's `score` layer)."""
+  y = layers.Linear(
+    1,
+    ("embed", None),
+    dtype=cfg.compute_dtype,
+    param_dtype=cfg.weight_dtype,
+    out_dtype=jnp.float32,
+    name=name,
+  )(x)
+  return y[..., 0]  # [B, T]
+
+
+def logits_of(out) -> jax.Array:
+  """The LM logits of a forward's output, whatever its head."""
+  return out[0] if isinstance(out, tuple) else out
 
 
 def param_count(params) -> int:

@@ -13,6 +13,10 @@ REGISTRY = {
   "sft": "jft.objectives.sft:SFT",
   "dpo": "jft.objectives.dpo:DPO",
   "mlm": "jft.objectives.mlm:MLM",
+  "reward": "jft.objectives.reward:RewardModel",
+  "ppo": "jft.objectives.ppo:PPO",
+  "grpo": "jft.objectives.grpo:GRPO",
+  "kto": "jft.objectives.kto:KTO",
 }
 
 

@@ -12,6 +12,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
+
+from jft.peft import lora
+from jft.state import flat_paths
 
 # name -> (sum, weight); the logged value is sum / weight.
 MetricSums = dict[str, tuple[jax.Array, jax.Array]]
@@ -20,19 +24,29 @@ ApplyFn = Callable[..., jax.Array]
 
 
 class Objective:
-  """Base class; subclasses set `name` and `fields` and implement `loss`."""
+  """Base class; subclasses set `name` and `fields` and implement `loss`.
+
+  An objective is host parsing (`make_examples`) plus a pure `loss`, and
+  says as data what else a run needs: `source` ('examples': JSONL files;
+  'rollouts': online RL), `builtin_split` (the built-in data), the
+  `evaluators` to run and the `summary_rows` of the before/after table.
+  Data making and evaluation are the plug-ins' (`jft.data.feed`,
+  `jft.evaluators`), never the objective's.
+  """
 
   name: str = ""
   fields: tuple[str, ...] = ()  # JSONL fields each record must have
   packing: bool | None = None  # None = config.data.packing decides
   token_loss: bool = True  # loss is per token: eval/perplexity is meaningful
+  source: str = "examples"  # 'examples' | 'rollouts'
+  builtin_split: str = "pretrain"  # the built-in suite's files it reads
+  evaluators: tuple[str, ...] = ()  # names in jft.evaluators
+  summary_rows: tuple[tuple[str, str], ...] = ()  # (label, metric key)
 
   def __init__(self, config, tokenizer):
     self.config = config
     self.tokenizer = tokenizer
-
-  # Counts logged at step 0 (e.g. truncated / skipped rows).
-  data_stats: dict[str, float] = {}
+    self.data_stats: dict[str, float] = {}  # counts logged at step 0
 
   def make_examples(
     self, records: Sequence[Mapping[str, Any]], split: str = "train"
@@ -54,37 +68,63 @@ class Objective:
     """
     raise NotImplementedError
 
-  def reference_params(self, params) -> Any:
-    """Extra frozen params the loss needs (DPO's reference copy)."""
-    del params
-    return {}
+  def reference_params(self, params, trainable) -> Any:
+    """Extra frozen params the loss needs (a reference copy); default none.
 
-  def prepare_data(
-    self, train_spec: str, eval_spec: str, *, workdir, apply_fn, params
-  ) -> tuple[str, str]:
-    """(train_spec, eval_spec) to read; data made with the starting model
-    (DPO's on-policy pairs) is written here. Default: unchanged."""
-    del workdir, apply_fn, params
-    return train_spec, eval_spec
+    `trainable` is the subtree that will train (the freeze table's split).
+    """
+    del params, trainable
+    return {}
 
   def precompute(self, examples, apply_fn, params, run_batches):
     """A pass over the examples before training (e.g. reference log-probs)."""
     del apply_fn, params, run_batches
     return examples
 
-  def summary(self, first: dict, last: dict) -> str:
-    """Text printed (and saved as summary.md) at the end of a run."""
-    del first, last
-    return ""
 
-  def eval_setup(self, records) -> None:
-    """Sees the held-out records (e.g. prompts to generate from)."""
-    del records
+class Reference:
+  """The frozen model a KL-regularised objective compares against.
 
-  def host_eval(self, predict, params) -> dict[str, float]:
-    """Extra host-side evaluation (e.g. generation accuracy); default none."""
-    del predict, params
+  mode 'copy': a frozen copy of the starting params in the train state
+  (full fine-tuning); 'adapters_off': the same forward with every LoRA
+  `lora_b` zeroed (no copy), plus a frozen copy of any non-adapter leaf the
+  freeze table trains, so the reference never moves with training; 'none':
+  no reference (reference-free losses, or a KL weight of 0).
+  """
+
+  def __init__(self, mode: str):
+    if mode not in ("copy", "adapters_off", "none"):
+      raise ValueError(f"unknown reference mode {mode!r}")
+    self.mode = mode
+
+  @classmethod
+  def for_run(cls, config, needed: bool = True) -> Reference:
+    if not needed:
+      return cls("none")
+    return cls("adapters_off" if config.lora.rank > 0 else "copy")
+
+  def stored(self, params, trainable) -> dict:
+    """What the train state keeps (`TrainState.ref`)."""
+    if self.mode == "copy":
+      return jax.tree.map(jnp.copy, params)
+    if self.mode == "adapters_off":
+      moving = {
+        p: jnp.copy(v)
+        for p, v in flat_paths(trainable).items()
+        if p.rsplit("/", 1)[-1] not in lora.LORA_LEAVES
+      }
+      return traverse_util.unflatten_dict(moving, sep="/")
     return {}
+
+  def tree(self, params, stored):
+    """The reference's params for a forward (None without a reference)."""
+    if self.mode == "none":
+      return None
+    if self.mode == "copy":
+      return stored
+    flat = flat_paths(params)
+    flat.update(flat_paths(stored))  # the starting values of moving leaves
+    return lora.zero_adapters(traverse_util.unflatten_dict(flat, sep="/"))
 
 
 def token_cross_entropy(

@@ -27,106 +27,22 @@ computed once before training and stored with the examples.
 
 from __future__ import annotations
 
-import os
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jft import sharding
-from jft.data import chat, onpolicy, pipeline, sources
+from jft.data import chat, pipeline
 from jft.data.jsonl import DataError
+from jft.losses import (
+  LENGTH_NORMALISED,  # noqa: F401  (re-exported: moved to jft.losses)
+  LOSS_TYPES,
+  REFERENCE_FREE,
+  preference_loss,
+  sequence_logps,
+)
 from jft.objectives import base, sft
-from jft.objectives.sft import TaskEval, fit
-from jft.peft import lora
-
-LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "dpop", "simpo", "orpo")
-REFERENCE_FREE = ("simpo", "orpo")
-LENGTH_NORMALISED = ("ipo", "simpo", "orpo")
-
-
-def preference_loss(
-  pc,
-  pr,
-  rc,
-  rr,
-  nc,
-  nr,
-  *,
-  loss_type,
-  beta,
-  label_smoothing=0.0,
-  simpo_gamma=0.5,
-  rpo_alpha=0.0,
-  dpop_lambda=50.0,
-):
-  """Per-pair losses and implicit rewards.
-
-  pc/pr: policy log-probs (sums) of chosen/rejected [P]; rc/rr: reference
-  log-probs [P] (ignored by reference-free losses); nc/nr: completion token
-  counts [P]. `rpo_alpha` adds alpha * (chosen NLL per token) (RPO, Pang et
-  al. 2024; TRL's `rpo_alpha`). Returns (losses, chosen_rewards,
-  rejected_rewards), each [P].
-  """
-  ls = label_smoothing
-  nll_chosen = -pc / jnp.maximum(nc, 1.0)  # before any normalisation below
-  if loss_type in LENGTH_NORMALISED:
-    nc1, nr1 = jnp.maximum(nc, 1.0), jnp.maximum(nr, 1.0)
-    pc, pr = pc / nc1, pr / nr1
-    if loss_type == "ipo":
-      rc, rr = rc / nc1, rr / nr1
-  if loss_type in REFERENCE_FREE:
-    chosen_r, rejected_r = beta * pc, beta * pr
-  else:
-    chosen_r, rejected_r = beta * (pc - rc), beta * (pr - rr)
-  logits = (pc - pr) - (0.0 if loss_type in REFERENCE_FREE else (rc - rr))
-  if loss_type == "sigmoid":
-    losses = -jax.nn.log_sigmoid(beta * logits) * (1 - ls) - (
-      jax.nn.log_sigmoid(-beta * logits) * ls
-    )
-  elif loss_type == "robust":
-    losses = (
-      -jax.nn.log_sigmoid(beta * logits) * (1 - ls)
-      + jax.nn.log_sigmoid(-beta * logits) * ls
-    ) / (1 - 2 * ls)
-  elif loss_type == "ipo":
-    losses = (logits - 1 / (2 * beta)) ** 2
-  elif loss_type == "hinge":
-    losses = jax.nn.relu(1 - beta * logits)
-  elif loss_type == "dpop":
-    z = logits - dpop_lambda * jax.nn.relu(rc - pc)
-    losses = -jax.nn.log_sigmoid(beta * z) * (1 - ls) - (
-      jax.nn.log_sigmoid(-beta * z) * ls
-    )
-  elif loss_type == "simpo":
-    z = logits - simpo_gamma / beta
-    losses = -jax.nn.log_sigmoid(beta * z) * (1 - ls) - (
-      jax.nn.log_sigmoid(-beta * z) * ls
-    )
-  elif loss_type == "orpo":
-
-    def log1m_exp(x):  # log(1 - e^x) for x < 0
-      return jnp.log1p(-jnp.exp(jnp.minimum(x, -1e-6)))
-
-    log_odds = (pc - pr) - (log1m_exp(pc) - log1m_exp(pr))
-    losses = -pc - beta * jax.nn.log_sigmoid(log_odds)  # NLL + odds term
-  else:
-    raise ValueError(
-      f"config.dpo.loss_type: unknown {loss_type!r}; expected one of "
-      f"{LOSS_TYPES}"
-    )
-  if rpo_alpha:
-    losses = losses + rpo_alpha * nll_chosen
-  return losses, chosen_r, rejected_r
-
-
-def sequence_logps(logits, targets, weights):
-  """Summed log-prob of weighted targets per row: ([N], token counts [N])."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [N,T,V]
-  tok = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  w = weights.astype(jnp.float32)  # [N, T]
-  return jnp.sum(tok * w, axis=-1), jnp.sum(w, axis=-1)
+from jft.objectives.sft import fit
 
 
 def _messages_text(msgs, template, where, field):
@@ -283,6 +199,7 @@ class DPO(base.Objective):
   name = "dpo"
   fields = ()
   builtin_split = "pref"
+  evaluators = ("task_accuracy",)
   packing = False  # one pair a row: chosen and rejected stay together
   token_loss = False
 
@@ -298,8 +215,6 @@ class DPO(base.Objective):
       raise ValueError("config.dpo.label_smoothing must be in [0, 0.5)")
     self.template = sft.chat_format(config.sft, tokenizer)
     self.data_stats = {}
-    self.tasks = TaskEval(config, tokenizer)
-    self.task_records = None  # built-in held-out prompts, when mined
     if d.loss_type in REFERENCE_FREE:
       self.reference = "none"
     elif config.lora.rank > 0:
@@ -359,10 +274,11 @@ class DPO(base.Objective):
       raise DataError(f"dpo {split}: no usable pairs")
     return out
 
-  def reference_params(self, params):
-    """A frozen copy for full fine-tuning ('copy' mode), else nothing."""
-    if self.reference == "copy":
-      return jax.tree.map(jnp.copy, params)
+  def reference_params(self, params, trainable):
+    """A frozen copy ('copy'), or the starting values of any non-adapter
+    leaf that trains next to LoRA adapters ('adapters_off'), else nothing."""
+    if self.reference in ("copy", "adapters_off"):
+      return base.Reference(self.reference).stored(params, trainable)
     return {}
 
   def precompute(self, examples, apply_fn, params, run_batches):
@@ -398,82 +314,11 @@ class DPO(base.Objective):
       done.append(ex)
     return done
 
-  def prepare_data(self, train_spec, eval_spec, *, workdir, apply_fn, params):
-    """Built-in data: pairs mined from the starting model's own mistakes."""
-    c, d = self.config, self.config.dpo
-    if d.builtin_pairs not in ("on_policy", "synthetic"):
-      raise ValueError(
-        f"config.dpo.builtin_pairs: unknown {d.builtin_pairs!r}; expected "
-        "'on_policy' or 'synthetic'"
-      )
-    if c.data.train_files or d.builtin_pairs == "synthetic":
-      return train_spec, eval_spec
-    fields = ("task", "prompt", "completion")
-    sft_train, sft_eval = sources.data_files(c, workdir, "sft")
-    train = list(pipeline.read_jsonl_files(sft_train, fields))
-    held_out = list(pipeline.read_jsonl_files(sft_eval, fields))
-    n = d.mine_prompts or len(train)
-    if not 0 < n <= len(train):
-      raise ValueError(
-        f"config.dpo.mine_prompts={d.mine_prompts}: the built-in suite has "
-        f"{len(train)} training prompts"
-      )
-    self.task_records = held_out  # task accuracy on every held-out prompt
-    paths = onpolicy.write_pairs(
-      os.path.join(workdir, "data"),
-      {
-        "init": c.init,
-        "prompts": n,
-        "samples": d.mine_samples,
-        "temperature": d.mine_temperature,
-        "max_new_tokens": c.sft.max_new_tokens,
-        "seed": c.seed,
-      },
-      {"train": train[:n], "eval": held_out},
-      onpolicy.make_answer_fn(
-        apply_fn,
-        params,
-        self.tokenizer,
-        max_new=c.sft.max_new_tokens,
-        temperature=d.mine_temperature,
-      ),
-      samples=d.mine_samples,
-      seed=c.seed,
-      write=jax.process_index() == 0,
-    )
-    sharding.sync("jft_onpolicy_pairs")
-    for split, path in paths.items():
-      with open(path, encoding="utf-8") as f:
-        if not any(line.strip() for line in f):
-          raise ValueError(
-            f"{path}: the starting model answered every {split} prompt "
-            "right, so there are no pairs to learn from; set "
-            "config.dpo.builtin_pairs='synthetic' or raise "
-            "config.dpo.mine_samples"
-          )
-    return paths["train"], paths["eval"]
-
-  def eval_setup(self, records):
-    self.tasks.setup(self.task_records or records)
-
-  def host_eval(self, apply_fn, params):
-    return self.tasks.evaluate(apply_fn, params)
-
-  def summary(self, first, last) -> str:
-    """Before/after table of the held-out preference and task metrics."""
-    rows = [
-      ("preference accuracy (policy log-probs)", "eval/logps/accuracies"),
-      ("preference accuracy (implicit reward)", "eval/rewards/accuracies"),
-      ("reward margin", "eval/rewards/margins"),
-      ("task accuracy (greedy)", "eval/task_accuracy"),
-    ]
-    per_task = sorted(k for k in last if k.startswith("eval/task_accuracy/"))
-    rows += [(f"task accuracy: {k.rsplit('/', 1)[1]}", k) for k in per_task]
-    lines = ["| held-out metric | before | after |", "| --- | --- | --- |"]
-    for label, key in rows:
-      if key in first and key in last:
-        lines.append(f"| {label} | {first[key]:.3f} | {last[key]:.3f} |")
-    return "\n".join(lines)
+  summary_rows = (
+    ("preference accuracy (policy log-probs)", "eval/logps/accuracies"),
+    ("preference accuracy (implicit reward)", "eval/rewards/accuracies"),
+    ("reward margin", "eval/rewards/margins"),
+  )
 
   # Pure side -------------------------------------------------------------
   def _policy_logps(self, apply_fn, params, batch, rng, train):
@@ -504,9 +349,7 @@ class DPO(base.Objective):
     elif self.reference == "precomputed":
       rc, rr = batch["ref_c"][:, 0], batch["ref_r"][:, 0]
     else:
-      ref_params = (
-        lora.zero_adapters(params) if self.reference == "adapters_off" else ref
-      )
+      ref_params = base.Reference(self.reference).tree(params, ref)
       rc, rr, _, _ = self._policy_logps(
         apply_fn, jax.lax.stop_gradient(ref_params), batch, None, False
       )

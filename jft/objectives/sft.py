@@ -34,8 +34,7 @@ import json
 
 import numpy as np
 
-from jft import generate
-from jft.data import chat, pipeline, tasks
+from jft.data import chat, pipeline
 from jft.data.jsonl import DataError
 from jft.objectives.clm import CLM
 
@@ -213,53 +212,18 @@ def fit(ids, mask, max_len: int, policy: str, keep: int = 1):
   )
 
 
-class TaskEval:
-  """eval/task_accuracy (and per task, eval/task_accuracy/TASK): greedy
-  answers to held-out built-in task prompts."""
-
-  def __init__(self, config, tokenizer):
-    self.config, self.tokenizer = config, tokenizer
-    self.records = []
-    self._answer = None
-
-  def setup(self, records) -> None:
-    n = self.config.sft.max_eval_generations
-    self.records = [
-      r
-      for r in records
-      if r.get("task") in tasks.TASKS and isinstance(r.get("prompt"), str)
-    ][:n]
-
-  def evaluate(self, apply_fn, params) -> dict[str, float]:
-    if not self.records:
-      return {}
-    if self._answer is None:
-      self._answer = generate.make_text_decoder(
-        apply_fn, self.tokenizer, max_new=self.config.sft.max_new_tokens
-      )
-    texts = self._answer(params, [r["prompt"] for r in self.records])
-    by_task: dict[str, list[bool]] = {}
-    for r, text in zip(self.records, texts, strict=True):
-      ok = tasks.is_correct(r["task"], r["prompt"], text)
-      by_task.setdefault(r["task"], []).append(ok)
-    out = {"eval/task_accuracy": float(np.mean(sum(by_task.values(), [])))}
-    for task, right in sorted(by_task.items()):
-      out[f"eval/task_accuracy/{task}"] = float(np.mean(right))
-    return out
-
-
 class SFT(CLM):
   """Token-weighted CE on trained tokens; same loss as CLM."""
 
   name = "sft"
   fields = ()
   builtin_split = "sft"
+  evaluators = ("task_accuracy",)
 
   def __init__(self, config, tokenizer):
     super().__init__(config, tokenizer)
     self.template = chat_format(config.sft, tokenizer)
     self.data_stats: dict[str, float] = {}
-    self.tasks = TaskEval(config, tokenizer)
 
   def make_examples(self, records, split: str = "train"):
     tok, seq = self.tokenizer, self.config.seq_len
@@ -296,9 +260,3 @@ class SFT(CLM):
     if not out:
       raise DataError(f"sft {split}: every row was skipped (seq_len={seq})")
     return out
-
-  def eval_setup(self, records) -> None:
-    self.tasks.setup(records)
-
-  def host_eval(self, apply_fn, params) -> dict[str, float]:
-    return self.tasks.evaluate(apply_fn, params)

@@ -29,8 +29,14 @@ def unflatten(flat: dict) -> dict:
 ALIASES = options.ALIASES
 resolve_targets = options.resolve_targets
 LORA_LEAVES = ("lora_a", "lora_b")
-# Freeze table for adapter training: adapters train, everything else frozen.
-ADAPTER_FREEZE = ((r".*/lora_[ab]", "trainable"), (".*", "frozen"))
+# Freeze table for adapter training: adapters train, and so do the new
+# scalar heads of a reward model or PPO policy (PEFT's `modules_to_save`);
+# everything else is frozen.
+ADAPTER_FREEZE = (
+  (r".*/lora_[ab]", "trainable"),
+  (r"(score|value_head)/kernel", "trainable"),
+  (".*", "frozen"),
+)
 
 
 def linear_paths(params: Mapping) -> list[str]:

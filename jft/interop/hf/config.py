@@ -44,6 +44,16 @@ ARCHITECTURES = {
   "gemma2": "Gemma2ForCausalLM",
   "gemma3": "Gemma3ForCausalLM",
 }
+# Reward models (jft head 'score'): one-label sequence classifiers.
+SEQ_CLS_ARCHITECTURES = {
+  "llama": "LlamaForSequenceClassification",
+  "mistral": "MistralForSequenceClassification",
+  "qwen2": "Qwen2ForSequenceClassification",
+  "qwen3": "Qwen3ForSequenceClassification",
+  "gemma": "GemmaForSequenceClassification",
+  "gemma2": "Gemma2ForSequenceClassification",
+  "gemma3": "Gemma3TextForSequenceClassification",
+}
 _MODEL_TYPE = {v: k for k, v in MODEL_TYPES.items()}
 
 # Defaults of transformers' config classes for keys a config.json may omit.
@@ -284,7 +294,22 @@ def config_from_hf(hf: Mapping, where: str = CONFIG_FILE) -> dict:
     fields["attn_softcap"] = float(cap) if cap else None
   # Gemma 3's attention does not apply attn_logit_softcapping (transformers
   # keeps the field but never passes it on), so neither does jft.
+  if _is_sequence_classifier(hf):
+    labels = len(hf.get("id2label") or {}) or hf.get("num_labels", 2)
+    if labels != 1:
+      raise ValueError(
+        f"{where}: a sequence classifier with {labels} labels; jft reads "
+        "reward models (num_labels 1, head 'score')"
+      )
+    fields["head"] = "score"
   return fields
+
+
+def _is_sequence_classifier(hf: Mapping) -> bool:
+  return any(
+    str(a).endswith("ForSequenceClassification")
+    for a in hf.get("architectures") or ()
+  )
 
 
 def model_config_dict(path: str, overrides: Mapping) -> dict:
@@ -332,6 +357,13 @@ def config_to_hf(
   jft's own fields (shape, RoPE, tie flag, window, dtype) overwrite them.
   `special_ids` (`bos_token_id`, `eos_token_id`, `pad_token_id`) come from
   the run's tokenizer.
+
+  A reward model (`cfg.head == 'score'`) becomes the family's
+  `*ForSequenceClassification` with one label (`num_labels`, and
+  `id2label`/`label2id` as transformers writes them) and no LM head
+  (`tie_word_embeddings` false). transformers reads its score at each row's
+  last token that is not `pad_token_id`, so the pad id must be set and
+  differ from eos for that token to be the eos jft reads.
   """
   if not cfg.causal:
     raise ValueError("only causal (decoder) models export to Hugging Face")
@@ -340,9 +372,12 @@ def config_to_hf(
   d = {}
   if source and source.get("model_type") == model_type:
     drop = ("rope_parameters", "rope_scaling", "layer_types")
+    if _is_sequence_classifier(source) and cfg.head != "score":
+      drop += ("num_labels", "id2label", "label2id", "problem_type")
     d = {k: v for k, v in source.items() if k not in drop}
+  score = cfg.head == "score"
   d.update(
-    architectures=[ARCHITECTURES[family]],
+    architectures=[(SEQ_CLS_ARCHITECTURES if score else ARCHITECTURES)[family]],
     model_type=model_type,
     vocab_size=cfg.vocab_size,
     hidden_size=cfg.d_model,
@@ -392,6 +427,13 @@ def config_to_hf(
     d["attn_logit_softcapping"] = cfg.attn_softcap
   if family == "gemma3":
     d["rope_local_base_freq"] = cfg.rope_local_theta or cfg.rope_theta
+  if score:
+    d.update(
+      num_labels=1,
+      id2label={"0": "LABEL_0"},
+      label2id={"LABEL_0": 0},
+      tie_word_embeddings=False,
+    )
   d.update({k: v for k, v in (special_ids or {}).items() if v is not None})
   return d
 

@@ -67,7 +67,12 @@ class TensorSpec:
 
 
 def tensor_specs(cfg) -> dict[str, TensorSpec]:
-  """HF tensor name -> spec for a jft `TransformerConfig`, in HF order."""
+  """HF tensor name -> spec for a jft `TransformerConfig`, in HF order.
+
+  A reward model (`cfg.head == 'score'`) is a `*ForSequenceClassification`
+  with one label: `score.weight` [1, D] (jft's `score/kernel` [D, 1]) takes
+  the place of `lm_head.weight`, tied or not.
+  """
   d, v, f = cfg.d_model, cfg.vocab_size, cfg.mlp_dim
   dh = cfg.head_dim
   q_dim, kv_dim = cfg.n_heads * dh, cfg.n_kv_heads * dh
@@ -120,7 +125,9 @@ def tensor_specs(cfg) -> dict[str, TensorSpec]:
     for name, path, transpose, shape in per_layer:
       specs[f"model.layers.{i}.{name}"] = TensorSpec(path, i, transpose, shape)
   specs["model.norm.weight"] = TensorSpec("final_norm/scale", None, False, (d,))
-  if not cfg.tie_embeddings:
+  if cfg.head == "score":  # *ForSequenceClassification: no LM head
+    specs["score.weight"] = TensorSpec("score/kernel", None, True, (1, d))
+  elif not cfg.tie_embeddings:
     specs["lm_head.weight"] = TensorSpec("lm_head/kernel", None, True, (v, d))
   return specs
 
@@ -200,13 +207,16 @@ def _check_names(path, specs, where, cfg) -> bool:
       f"(files: {sorted(set(where.values()))})"
     )
   extra = [n for n in where if n not in specs and not _IGNORED.fullmatch(n)]
-  tied_copy = cfg.tie_embeddings and "lm_head.weight" in where
+  tied_copy = (
+    cfg.tie_embeddings and cfg.head != "score" and "lm_head.weight" in where
+  )
   if tied_copy:
     extra.remove("lm_head.weight")
   if extra:
     raise ValueError(
       f"{path}: unexpected tensors {_listing(sorted(extra), where)}; the "
-      f"model config ({cfg.family}, {cfg.n_layers} layers, qkv_bias="
+      f"model config ({cfg.family}, head {cfg.head!r}, {cfg.n_layers} "
+      f"layers, qkv_bias="
       f"{cfg.qkv_bias}, qk_norm={cfg.qk_norm}, tie_embeddings="
       f"{cfg.tie_embeddings}) has no place for them"
     )

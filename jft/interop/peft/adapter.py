@@ -175,6 +175,13 @@ def save_adapter(
   complete-looking half adapter; an existing directory is replaced unless
   `overwrite=False`.
   """
+  if cfg.head == "score":
+    raise ValueError(
+      "a reward model (head 'score') trains its score head next to the "
+      "LoRA adapters, and jft's PEFT adapters hold LoRA only (no "
+      "modules_to_save); set config.lora.save_adapters=False and "
+      "config.lora.save_merged=True to export the merged model"
+    )
   pairs = adapter_pairs(params, cfg)
   tensors = {
     f"{PREFIX}{name}.lora_{ab}.weight": np.ascontiguousarray(x)

@@ -41,7 +41,7 @@ def module_table(cfg) -> dict[str, Target]:
       name = f"model.layers.{i}.{hf_mod}"
       shape = specs[f"{name}.weight"].hf_shape
       out[name] = Target(f"{prefix}/{jft_mod}", i, cfg.scan_layers, shape)
-  if not cfg.tie_embeddings:
+  if "lm_head.weight" in specs:  # untied, and not a reward model's score
     out[LM_HEAD] = Target(
       LM_HEAD, None, False, specs["lm_head.weight"].hf_shape
     )

@@ -1,0 +1,45 @@
+"""GRPO on the built-in tasks with verifiable rewards, from the SFT model.
+
+With no flags: pretraining and SFT run first (cached, as for configs/dpo.py).
+Each rollout samples `grpo.num_generations` answers to each of
+`rl.prompts_per_rollout` training prompts at temperature 1; the suite's
+checker scores them 1 (right) or 0; every answer's advantage is its reward
+against its group's; the policy takes the clipped token-level update with a
+k3 KL to the SFT model. Held-out greedy task accuracy is evaluated and the
+run ends with a before/after table (WORKDIR/summary.md).
+  python -m jft.main --config=configs/grpo.py
+Variants:
+  --config.grpo.loss_type=dr_grpo|dapo   --config.grpo.beta=0 (no reference)
+  --config.grpo.eps_high=0.28            (DAPO's clip-higher)
+  --config.rl.reward_funcs=task,format --config.rl.reward_weights=1,0.1
+  --config.rl.reward_funcs=mypkg.rewards:score   (your own function)
+  --config.grpo.control=sft_on_correct   (the control: SFT on the right
+                                          answers of the same rollouts)
+  --config.lora.rank=8                   (LoRA; reference = adapters off)
+"""
+
+from jft import config as base
+
+
+def get_config(arg=None):
+  preset = arg or "mini"
+  c = base.base_config()
+  c.objective = "grpo"
+  c.init = f"run:configs/sft.py:{preset}"
+  c.model.preset = preset
+  c.total_steps = 150
+  c.batch_size = 64  # completions per update
+  c.seq_len = 32
+  c.log_every = 10
+  c.eval_every = 50
+  c.checkpoint_every = 50
+  c.rl.prompts_per_rollout = 16
+  c.rl.epochs = 1
+  c.rl.max_new_tokens = 12
+  c.grpo.num_generations = 8
+  c.grpo.beta = 0.04
+  c.optimizer.lr = 1e-5
+  c.optimizer.warmup_steps = 10
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.schedule = "constant"
+  return c

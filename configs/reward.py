@@ -1,0 +1,51 @@
+"""A reward model on the built-in tasks, starting from the SFT model.
+
+With no flags: pretraining (configs/pretrain_clm.py) and SFT (configs/sft.py)
+run first, once, cached under ~/.cache/jft (or $JFT_CACHE). The SFT model's
+trunk is kept; its LM head is dropped and a fresh `score` head (one number
+per position, read at the last token) is trained with the Bradley-Terry loss
+on preference pairs (jft/objectives/reward.py). Logs TRL's reward metrics
+`{train,eval}/{accuracy,margin,mean_reward}` and ends with a before/after
+table of held-out pair accuracy (also in WORKDIR/summary.md).
+  python -m jft.main --config=configs/reward.py
+Data and variants by config keys:
+  --config.data.train_files=pairs.jsonl --config.data.eval_files=held.jsonl
+      ({"prompt","chosen","rejected"} rows, optional numeric "margin")
+  --config.reward.center_rewards_coefficient=0.01   (TRL's; pulls rewards
+      towards mean 0)
+  --config.lora.rank=8                    (LoRA; the score head trains too;
+      WORKDIR/merged is the merged sequence classifier)
+  --config.lora.rank=8 --config.quant.kind=nf4             (QLoRA)
+Without files the pairs are the built-in preference pairs DPO uses
+(`jft.data.onpolicy.builtin_pairs`, per `config.dpo.builtin_pairs`;
+`synthetic` = the suite's true answers against near misses).
+`model.head='score'` is what makes this a reward model; the objective
+refuses any other head.
+"""
+
+from jft import config as base
+
+
+def get_config(arg=None):
+  preset = arg or "mini"
+  c = base.base_config()
+  c.objective = "reward"
+  c.init = f"run:configs/sft.py:{preset}"
+  c.model.preset = preset
+  c.model.head = "score"  # drops lm_head, adds score [D, 1] (jft.init)
+  c.total_steps = 600
+  c.batch_size = 16  # preference pairs per step
+  c.eval_batch_size = 32
+  c.seq_len = 32  # built-in pairs are at most 21 tokens
+  c.log_every = 25
+  c.eval_every = 200
+  c.checkpoint_every = 200
+  # With LoRA the score head trains too, which PEFT's adapter format holds
+  # only as modules_to_save (not written by jft): export the merged
+  # sequence classifier (WORKDIR/merged) instead.
+  c.lora.save_adapters = False
+  c.lora.save_merged = True
+  c.optimizer.lr = 1e-4
+  c.optimizer.warmup_steps = 20
+  c.optimizer.weight_decay = 0.0
+  return c

@@ -1,0 +1,134 @@
+"""What a run trains and evaluates on: its data source, eval batches and the
+held-out records evaluators read.
+
+`build` picks by the objective's declared `source`: 'examples' reads JSONL
+(the user's files or the built-in suite; for preference objectives the
+built-in pairs are mined from the starting model, `onpolicy.builtin_pairs`)
+into examples and a grain iterator; 'rollouts' (PPO, GRPO) serves rollouts
+of the current policy over the prompts (`jft.rl.rollouts`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from jft.data import onpolicy, pipeline, sources
+from jft.rl import rollouts
+
+
+@dataclasses.dataclass
+class Data:
+  train: object  # `next(state) -> (local batch, metrics)`; checkpointable
+  eval_batches: list  # this process's host batches
+  eval_records: list  # held-out rows for evaluators (e.g. task prompts)
+  stats: dict  # data/* counts, logged at step 0
+
+
+def files(config, objective, workdir, tokenizer, apply_fn, params):
+  """(train_spec, eval_spec, held-out rows or None) for the objective."""
+  if config.data.train_files:
+    return config.data.train_files, config.data.eval_files, None
+  if objective.builtin_split == "pref":
+    return onpolicy.builtin_pairs(config, workdir, tokenizer, apply_fn, params)
+  if objective.builtin_split == "kto":
+    train, ev, held_out = onpolicy.builtin_pairs(
+      config, workdir, tokenizer, apply_fn, params
+    )
+    return (*onpolicy.unpaired(train, ev), held_out)
+  train, ev = sources.data_files(config, workdir, objective.builtin_split)
+  return train, ev, None
+
+
+def shard_eval(batches: list[dict], pad_id: int) -> list[dict]:
+  """This process's eval batches, equal in count across processes."""
+  n, i = jax.process_count(), jax.process_index()
+  mine = batches[i::n]
+  total = -(-len(batches) // n)
+  while len(mine) < total:  # an all-padding batch contributes weight 0
+    pad = {k: np.zeros_like(v) for k, v in batches[0].items()}
+    pad["inputs"][:] = pad_id
+    pad["targets"][:] = pad_id
+    mine.append(pad)
+  return mine
+
+
+def build(
+  config,
+  objective,
+  tokenizer,
+  workdir,
+  apply_fn,
+  params,
+  mesh,
+  run_batches,
+  lm=None,
+) -> Data:
+  """The run's data (see the module docstring).
+
+  `lm()` gives the (apply_fn, params) of a language model to mine built-in
+  pairs with, when the model trained is not one (a reward model); by
+  default the model itself.
+  """
+  miner = lm() if lm is not None else (apply_fn, params)
+  train_spec, eval_spec, held_out = files(
+    config, objective, workdir, tokenizer, *miner
+  )
+  del miner
+  if objective.source == "rollouts":
+    prompts = pipeline.read_jsonl_files(train_spec, ("prompt",))
+    records = (
+      pipeline.read_jsonl_files(eval_spec, ("prompt",)) if eval_spec else []
+    )
+    cls = {"ppo": rollouts.PPORollouts, "grpo": rollouts.GRPORollouts}[
+      objective.name
+    ]
+    source = cls(config, objective, tokenizer, prompts, apply_fn, workdir, mesh)
+    return Data(source, [], records, {})
+  train = objective.make_examples(
+    pipeline.read_jsonl_files(train_spec, objective.fields)
+  )
+  train = objective.precompute(train, apply_fn, params, run_batches)
+  eval_examples, records = [], []
+  if eval_spec:
+    records = pipeline.read_jsonl_files(eval_spec, objective.fields)
+    eval_examples = objective.make_examples(records, split="eval")
+    eval_examples = objective.precompute(
+      eval_examples, apply_fn, params, run_batches
+    )
+  packing = (
+    config.data.packing if objective.packing is None else objective.packing
+  )
+  n_proc = jax.process_count()
+  iterator = pipeline.make_train_iter(
+    train,
+    seq_len=config.seq_len,
+    batch_size=config.batch_size // n_proc,
+    seed=config.seed,
+    pad_id=tokenizer.pad_id,
+    shuffle=config.data.shuffle,
+    num_epochs=config.data.num_epochs,
+    shard_index=jax.process_index(),
+    shard_count=n_proc,
+    packing=packing,
+  )
+  eval_batches = []
+  if eval_examples:
+    eval_batches = shard_eval(
+      pipeline.make_eval_batches(
+        eval_examples,
+        seq_len=config.seq_len,
+        batch_size=config.eval_batch_size,
+        pad_id=tokenizer.pad_id,
+        packing=packing,
+      ),
+      tokenizer.pad_id,
+    )
+  return Data(
+    sources.Static(iterator),
+    eval_batches,
+    held_out if held_out is not None else records,
+    dict(objective.data_stats),
+  )

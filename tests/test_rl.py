@@ -1,0 +1,228 @@
+"""Online RL (PPO, GRPO) and KTO through the one training loop: reward
+functions, rollout rows masked on generated tokens only, the reference
+frozen through training, exact resume mid-rollout, and short runs with full
+fine-tuning and LoRA."""
+
+import json
+import os
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from jft import checkpoint, sharding, train
+from jft.data import tasks
+from jft.rl import rewards, rollouts
+
+
+def _rows():
+  return [
+    {"task": "add", "prompt": "add: 1 + 2 =", "completion": " 3"},
+    {"task": "sort", "prompt": "sort: b a =", "completion": " a b"},
+    {"task": "copy", "prompt": "copy: x y =", "completion": " x y"},
+  ]
+
+
+def test_reward_functions_by_hand(monkeypatch):
+  rows = _rows()
+  texts = [" 3", "a b", " y x"]
+  stopped = [True, False, True]
+  assert rewards.task_reward(rows, texts, stopped) == [1.0, 1.0, 0.0]
+  fmt = rewards.format_reward(r" \S.*")
+  assert fmt(rows, texts, stopped) == [1.0, 0.0, 1.0]  # 'a b' lacks eos
+  mod = types.ModuleType("my_rewards")
+  mod.length = lambda rows, comps, stopped: [len(c) for c in comps]
+  monkeypatch.setitem(sys.modules, "my_rewards", mod)
+  config = tiny_config_for_rewards("task,format,my_rewards:length", "1,0.5,2")
+  funcs = rewards.build(config)
+  total, means = rewards.score(funcs, rows, texts, stopped)
+  # task [1,1,0] + 0.5 * format [1,0,1] + 2 * length [2,3,4]
+  np.testing.assert_allclose(total, [1 + 0.5 + 4, 1 + 0 + 6, 0 + 0.5 + 8])
+  assert means == {
+    "rewards/task/mean": pytest.approx(2 / 3),
+    "rewards/format/mean": pytest.approx(2 / 3),
+    "rewards/my_rewards:length/mean": 3.0,
+  }
+
+
+def tiny_config_for_rewards(funcs, weights=""):
+  from jft import config as base
+
+  c = base.base_config()
+  c.rl.reward_funcs, c.rl.reward_weights = funcs, weights
+  return c
+
+
+@pytest.mark.parametrize(
+  "funcs, weights, match",
+  [
+    ("", "", "reward_funcs is empty"),
+    ("task,format", "1", "2 reward functions"),
+    ("nope", "", "unknown 'nope'"),
+    ("no_such_module_x:f", "", "cannot import"),
+    ("reward_model", "", "names no reward model"),
+  ],
+)
+def test_reward_config_errors(funcs, weights, match):
+  with pytest.raises(ValueError, match=match):
+    rewards.build(tiny_config_for_rewards(funcs, weights))
+
+
+def test_task_reward_needs_suite_rows():
+  with pytest.raises(ValueError, match="'task' field"):
+    rewards.task_reward([{"prompt": "hi"}], ["x"], [True])
+
+
+def test_rollout_rows_are_masked_on_generated_tokens_only():
+  prompts = [[2, 10, 11], [2, 12]]
+  comps = [[20, 21, 3], [22]]  # the first stopped at eos (3)
+  rows = rollouts.pack_rows(prompts, comps, seq_len=6, pad_id=0)
+  assert rows["inputs"].tolist() == [
+    [2, 10, 11, 20, 21, 0],
+    [2, 12, 0, 0, 0, 0],
+  ]
+  assert rows["targets"].tolist() == [
+    [10, 11, 20, 21, 3, 0],
+    [12, 22, 0, 0, 0, 0],
+  ]
+  # a weight is 1 where the target is a generated token (eos included)
+  assert rows["weights"].tolist() == [[0, 0, 1, 1, 1, 0], [0, 1, 0, 0, 0, 0]]
+  assert rows["segment_ids"].tolist() == [[1] * 5 + [0], [1, 1, 0, 0, 0, 0]]
+  assert rollouts.split_completion([5, 3, 7, 3], [3]) == ([5, 3], True)
+  assert rollouts.split_completion([5, 6], [3]) == ([5, 6], False)
+  with pytest.raises(ValueError, match="config.seq_len"):
+    rollouts.pack_rows([[1] * 5], [[2] * 3], seq_len=6, pad_id=0)
+
+
+def _rl_config(suite_dir, objective, **keys):
+  c = tiny_config(suite_dir, objective="sft")
+  c.objective = objective
+  c.total_steps, c.eval_every, c.checkpoint_every = 4, 4, 2
+  c.sft.max_eval_generations, c.sft.max_new_tokens = 8, 6
+  c.rl.max_new_tokens = 6
+  c.rl.prompts_per_rollout = 8
+  c.grpo.num_generations = 2
+  c.optimizer.lr = 1e-2  # the tiny random model must move in 4 steps
+  if objective == "ppo":
+    c.model.head = "lm+value"
+    c.rl.epochs = 2  # 16 rows / 8 = 2 minibatches x 2 epochs per rollout
+  for k, v in keys.items():
+    node = c
+    *head, last = k.split(".")
+    for h in head:
+      node = node[h]
+    node[last] = v
+  return c
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as fh:
+    return [json.loads(line) for line in fh]
+
+
+@pytest.mark.parametrize(
+  "objective, lora",
+  [("grpo", 0), ("grpo", 4), ("ppo", 0), ("ppo", 4)],
+)
+def test_rl_runs_log_trl_metrics_and_keep_the_reference(
+  suite_dir, tmp_path, objective, lora
+):
+  config = _rl_config(suite_dir, objective, **{"lora.rank": lora})
+  workdir = str(tmp_path / "w")
+  last = train.run(config, workdir)
+  names = {
+    "grpo": [
+      "train/reward",
+      "train/rewards/task/mean",
+      "train/kl",
+      "train/clip_ratio/region_mean",
+    ],
+    "ppo": [
+      "train/objective/kl",
+      "train/objective/entropy",
+      "train/objective/scores",
+      "train/policy/approxkl_avg",
+      "train/policy/clipfrac_avg",
+      "train/val/clipfrac_avg",
+    ],
+  }[objective]
+  rows = _metrics(workdir)
+  logged = set().union(*rows)
+  assert set(names) <= logged, set(names) - logged
+  assert "eval/task_accuracy" in last
+  samples = os.path.join(workdir, "rollouts", "samples.jsonl")
+  with open(samples) as fh:
+    sample = json.loads(fh.readline())
+  assert {"round", "prompt", "completion", "score"} <= set(sample)
+  mesh = sharding.make_mesh(config.mesh)
+  start = checkpoint.load_params(workdir, mesh, step=2)
+  end = checkpoint.load_params(workdir, mesh, step=4)
+  moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), start, end)
+  assert any(jax.tree.leaves(moved))  # training moved the policy
+  if lora == 0:  # the frozen reference copy is bit-identical at the end
+    ref = checkpoint.load_params(workdir, mesh, step=4, parts=("ref",))
+    first = _starting_params(config, tmp_path)
+    jax.tree.map(np.testing.assert_array_equal, ref, first)
+
+
+def _starting_params(config, tmp_path):
+  """The params a run starts from (its random init), via a 0-step run."""
+  from jft import init
+  from jft.data.tokenizer import Tokenizer
+
+  tok = Tokenizer.load(config.data.tokenizer)
+  cfg = init.model_config(config, tok)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config.mesh)
+  return jax.device_get(init.init_params(config, cfg, mesh, rules))
+
+
+def test_resume_mid_rollout_is_exact(suite_dir, tmp_path):
+  """The rollout is saved: a run stopped inside one resumes it exactly."""
+  config = _rl_config(suite_dir, "ppo", **{"checkpoint_every": 1})
+  full = str(tmp_path / "full")
+  train.run(config, full)
+  parts = str(tmp_path / "parts")
+  train.run(config, parts, stop_after=1)  # 1 of the rollout's 4 steps
+  train.run(config, parts)
+  mesh = sharding.make_mesh(config.mesh)
+  a = checkpoint.load_params(full, mesh)
+  b = checkpoint.load_params(parts, mesh)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  rows_a = [r for r in _metrics(full) if r["step"] > 0]
+  rows_b = [r for r in _metrics(parts) if r["step"] > 0]
+  drop = ("train/tokens_per_s", "train/steps_per_s")
+  strip = lambda rs: [{k: v for k, v in r.items() if k not in drop} for r in rs]
+  assert strip(rows_a) == strip(rows_b)
+
+
+def test_grpo_control_trains_only_on_correct_rollouts(suite_dir, tmp_path):
+  config = _rl_config(
+    suite_dir, "grpo", **{"grpo.control": "sft_on_correct", "total_steps": 2}
+  )
+  last = train.run(config, str(tmp_path / "c"))
+  # a random tiny model answers nothing right: no token is kept, no update
+  assert last["train/control/kept_tokens"] == 0.0
+  assert last["train/grad_norm"] == 0.0
+
+
+def test_kto_run_full_and_lora(suite_dir, tmp_path):
+  data = tmp_path / "kto.jsonl"
+  rows = []
+  for r in tasks.generate("copy", 12, seed=0, split="train"):
+    rows.append({**r, "label": True})
+    rows.append({"prompt": r["prompt"], "completion": " z", "label": False})
+  data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  for lora in (0, 4):
+    config = tiny_config(suite_dir, objective="sft", total_steps=3)
+    config.objective = "kto"
+    config.data.train_files = config.data.eval_files = str(data)
+    config.lora.rank = lora
+    config.eval_every = 3
+    last = train.run(config, str(tmp_path / f"k{lora}"))
+    for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "kl"):
+      assert np.isfinite(last[f"eval/{key}"]), key
+    assert np.isfinite(last["train/loss"])
