@@ -167,7 +167,8 @@ def base_config() -> ml_collections.ConfigDict:
       # Built-in pairs (data.train_files == ''): 'on_policy' = the starting
       # model's own wrong answers to suite prompts (greedy, then
       # `mine_samples` draws at `mine_temperature`) against the true ones,
-      # mined once into WORKDIR/data; 'synthetic' = made-up near misses.
+      # mined once into WORKDIR/data; 'synthetic' = made-up near misses;
+      # 'on_policy+synthetic' = both to train on, the mined ones held out.
       builtin_pairs="on_policy",
       mine_prompts=8000,  # training prompts to mine (0 = all); eval: all
       mine_samples=2,
@@ -263,6 +264,8 @@ def base_config() -> ml_collections.ConfigDict:
       grad_clip_norm=1.0,
       # Leaves whose path matches get no weight decay: norms and biases.
       no_decay=r"(^|/)(scale|bias)$",
+      # "REGEX=FACTOR,...": matching leaves take FACTOR x the learning rate.
+      lr_scale="",
     )
   )
 

@@ -86,4 +86,43 @@ def make_optimizer(
   if cfg.grad_clip_norm and cfg.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
   parts.append(core)
+  for pattern, factor in parse_lr_scale(cfg.get("lr_scale", "")):
+    where = path_mask(trainable, pattern)
+    parts.append(optax.masked(optax.scale(factor), where))
   return optax.chain(*parts), schedule
+
+
+def parse_lr_scale(spec: str) -> list[tuple[str, float]]:
+  """`optimizer.lr_scale` "REGEX=FACTOR,...": the leaves whose path matches
+  REGEX take FACTOR times the learning rate (e.g. a fresh head that must
+  catch up with a pretrained trunk: PPO's value head)."""
+  out = []
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    pattern, eq, factor = part.rpartition("=")
+    try:
+      value = float(factor)
+      re.compile(pattern)
+    except (ValueError, re.error):
+      value = None
+    if not eq or not pattern or value is None or value < 0:
+      raise ValueError(
+        f"config.optimizer.lr_scale: {part!r} is not REGEX=FACTOR (a "
+        "regular expression over parameter paths, a factor >= 0)"
+      )
+    out.append((pattern, value))
+  return out
+
+
+def path_mask(params: Mapping, pattern: str):
+  """True for the leaves whose '/'-joined path matches `pattern`; a
+  pattern that matches nothing is an error, not a silent no-op."""
+  from flax import traverse_util
+
+  rx = re.compile(pattern)
+  flat = {p: bool(rx.search(p)) for p in flat_paths(params)}
+  if not any(flat.values()):
+    raise ValueError(
+      f"config.optimizer.lr_scale: {pattern!r} matches no trainable "
+      f"parameter (paths look like {next(iter(flat), '')!r})"
+    )
+  return traverse_util.unflatten_dict(flat, sep="/")

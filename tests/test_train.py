@@ -15,6 +15,7 @@ from conftest import tiny_config
 from ml_collections import config_flags
 
 from jft import checkpoint, init, optim, steps, train
+from jft import config as config_lib
 from jft.data.tokenizer import Tokenizer
 from jft.models import transformer
 from jft.objectives.clm import CLM
@@ -238,3 +239,25 @@ def test_stage_cache_key_follows_config_preset_and_suite(tmp_path, monkeypatch):
   # a new built-in suite format retrains stages that trained on the suite
   monkeypatch.setattr(tasks, "FORMAT_VERSION", tasks.FORMAT_VERSION + 1)
   assert init.stage_workdir("configs/pretrain_clm.py", c)[0] != b
+
+
+def test_lr_scale_multiplies_matching_leaves_only():
+  """`optimizer.lr_scale`: plain SGD makes the update -lr*factor*grad on
+  the matching leaves and -lr*grad elsewhere (hand-computed)."""
+  cfg = config_lib.base_config().optimizer
+  cfg.name, cfg.schedule, cfg.warmup_steps, cfg.b1 = "sgd", "constant", 0, 0.0
+  cfg.lr, cfg.weight_decay, cfg.grad_clip_norm = 0.5, 0.0, 0.0
+  cfg.lr_scale = "value_head=10"
+  params = {
+    "value_head": {"kernel": jnp.ones((2, 1))},
+    "trunk": {"kernel": jnp.ones((2, 2))},
+  }
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 0.2), params)
+  opt, _ = optim.make_optimizer(cfg, 5, params)
+  updates, _ = opt.update(grads, opt.init(params), params)
+  np.testing.assert_allclose(updates["value_head"]["kernel"], -1.0, rtol=1e-6)
+  np.testing.assert_allclose(updates["trunk"]["kernel"], -0.1, rtol=1e-6)
+  for bad in ("value_head", "value_head=x", "nothing_here=2", "=2"):
+    cfg.lr_scale = bad
+    with pytest.raises(ValueError, match="lr_scale"):
+      optim.make_optimizer(cfg, 5, params)

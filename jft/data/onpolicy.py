@@ -149,26 +149,33 @@ def write_pairs(
   return paths
 
 
+# `config.dpo.builtin_pairs`: the model's own mistakes; the suite's near
+# misses; or both for training (held out: the mined pairs), which gives a
+# reward model negatives on tasks where the model makes almost none.
+BUILTIN_PAIRS = ("on_policy", "synthetic", "on_policy+synthetic")
+
+
 def builtin_pairs(config, workdir: str, tokenizer, apply_fn, params):
   """The built-in preference data (`data.train_files` empty): pairs mined
   from the starting model's own mistakes (`dpo.builtin_pairs='on_policy'`,
-  the default; its `mine_*` settings), or the suite's synthetic near misses.
+  the default; its `mine_*` settings), the suite's synthetic near misses,
+  or both (`'on_policy+synthetic'`).
   Shared by DPO, the reward model and KTO (which unpairs them).
 
   Returns (train_spec, eval_spec, held-out suite rows for task accuracy).
   """
   c, d = config, config.dpo
-  if d.builtin_pairs not in ("on_policy", "synthetic"):
+  if d.builtin_pairs not in BUILTIN_PAIRS:
     raise ValueError(
       f"config.dpo.builtin_pairs: unknown {d.builtin_pairs!r}; expected "
-      "'on_policy' or 'synthetic'"
+      f"one of {BUILTIN_PAIRS}"
     )
   fields = ("task", "prompt", "completion")
   sft_train, sft_eval = sources.data_files(c, workdir, "sft")
   held_out = list(pipeline.read_jsonl_files(sft_eval, fields))
+  synthetic = sources.data_files(c, workdir, "pref")
   if d.builtin_pairs == "synthetic":
-    train, ev = sources.data_files(c, workdir, "pref")
-    return train, ev, held_out
+    return synthetic[0], synthetic[1], held_out
   train = list(pipeline.read_jsonl_files(sft_train, fields))
   n = d.mine_prompts or len(train)
   if not 0 < n <= len(train):
@@ -208,7 +215,10 @@ def builtin_pairs(config, workdir: str, tokenizer, apply_fn, params):
           "config.dpo.builtin_pairs='synthetic' or raise "
           "config.dpo.mine_samples"
         )
-  return paths["train"], paths["eval"], held_out
+  train_spec = paths["train"]
+  if d.builtin_pairs == "on_policy+synthetic":  # held out: mined pairs only
+    train_spec += "," + synthetic[0]
+  return train_spec, paths["eval"], held_out
 
 
 def unpaired(train_spec: str, eval_spec: str) -> tuple[str, str]:
