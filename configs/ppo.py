@@ -4,13 +4,16 @@ With no flags, from nothing: pretraining, SFT (configs/sft.py) and the
 reward model (configs/reward.py, Bradley-Terry on pairs mined from the SFT
 model) run first, once, cached; then PPO trains the SFT model against the
 reward model's score with a per-token KL penalty to the SFT model. The
-policy's value head shares its trunk (`model.head='lm+value'`; see
-jft/objectives/ppo.py for why). Held-out greedy task accuracy is evaluated
-and the run ends with a before/after table (WORKDIR/summary.md).
+critic is a separate model started from the reward model (TRL's choice;
+`ppo.critic='shared'` puts a value head on the policy's trunk instead, see
+jft/objectives/ppo.py). Held-out greedy task accuracy is evaluated and the
+run ends with a before/after table (WORKDIR/summary.md).
   python -m jft.main --config=configs/ppo.py
 Variants:
   --config.rl.reward_funcs=task          (the suite's checker instead of the
                                           reward model)
+  --config.ppo.critic=shared --config.model.head=lm+value
+                                         (value head on the policy trunk)
   --config.ppo.adaptive_kl=True --config.ppo.kl_target=1.0
   --config.lora.rank=8                   (LoRA; reference = adapters off)
 """
@@ -24,7 +27,8 @@ def get_config(arg=None):
   c.objective = "ppo"
   c.init = f"run:configs/sft.py:{preset}"
   c.model.preset = preset
-  c.model.head = "lm+value"  # a zero value head on the SFT trunk
+  c.model.head = "lm"
+  c.ppo.critic = "reward_model"  # a second model, from rl.reward_model
   c.total_steps = 200
   c.batch_size = 32  # completions per minibatch
   c.seq_len = 32

@@ -16,9 +16,9 @@ Data and variants by config keys:
   --config.lora.rank=8                    (LoRA; the score head trains too;
       WORKDIR/merged is the merged sequence classifier)
   --config.lora.rank=8 --config.quant.kind=nf4             (QLoRA)
-Without files the pairs are the built-in preference pairs DPO uses
-(`jft.data.onpolicy.builtin_pairs`, per `config.dpo.builtin_pairs`;
-`synthetic` = the suite's true answers against near misses).
+Without files the pairs are mined from the SFT model's own wrong answers,
+as for DPO (`jft.data.onpolicy.builtin_pairs`, per the `config.dpo.*` keys
+set below; `dpo.builtin_pairs=synthetic` = the suite's near misses).
 `model.head='score'` is what makes this a reward model; the objective
 refuses any other head.
 """
@@ -44,9 +44,13 @@ def get_config(arg=None):
   # only as modules_to_save (not written by jft): export the merged
   # sequence classifier (WORKDIR/merged) instead.
   c.lora.save_adapters = False
-  # Mine all 32,000 training prompts (not DPO's 8,000): ~8,300 pairs, which
-  # a reward model needs to learn to check sums (2,100 pairs: 0.72).
+  # Mine all 32,000 training prompts (DPO mines 8,000), greedy + 4 samples,
+  # and keep every distinct wrong answer: ~24,000 pairs. A reward model must
+  # learn to check sums, and PPO searches out any wrong answer it likes
+  # (2,100 pairs: 0.72 held-out; one pair per prompt: 0.91, and PPO hacked it).
   c.dpo.mine_prompts = 0
+  c.dpo.mine_samples = 4
+  c.dpo.mine_pairs = "all"
   c.lora.save_merged = True
   c.optimizer.lr = 2e-4
   c.optimizer.warmup_steps = 20

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jft.state import merge_params
+from jft.state import merge_params, model_params
 
 
 class _FrozenIterState:
@@ -108,13 +108,18 @@ def _quiet_absl():
 
 
 def load_params(
-  workdir: str, mesh, step: int | None = None, parts=("trainable", "frozen")
+  workdir: str,
+  mesh,
+  step: int | None = None,
+  parts=("trainable", "frozen"),
+  aux: bool = False,
 ) -> dict:
   """Full parameter tree (trainable + frozen) of another jft run.
 
   Used by `config.init` to start SFT/DPO from a pretraining run. Arrays come
   back as host numpy; the caller places them with its own shardings.
-  `parts=('ref',)` reads the stored reference instead.
+  `parts=('ref',)` reads the stored reference instead. Models trained
+  alongside (PPO's critic, `state.AUX_KEYS`) are left out unless `aux`.
   """
   directory = checkpoint_dir(workdir)
   if not os.path.isdir(directory):
@@ -152,4 +157,6 @@ def load_params(
       ),
     )["state"]
   params = merge_params(*(restored[k] for k in parts))
+  if not aux:
+    params = model_params(params)
   return jax.tree.map(np.asarray, params)

@@ -173,6 +173,7 @@ def base_config() -> ml_collections.ConfigDict:
       mine_prompts=8000,  # training prompts to mine (0 = all); eval: all
       mine_samples=2,
       mine_temperature=1.0,
+      mine_pairs="first",  # or 'all': a pair per distinct wrong answer
     )
   )
 
@@ -233,6 +234,9 @@ def base_config() -> ml_collections.ConfigDict:
       vf_clip=0.2,  # value clip
       vf_coef=0.1,
       missing_eos_penalty=0.0,  # subtracted from the score without an eos
+      # 'shared': value head on the policy trunk (model.head='lm+value');
+      # 'reward_model': a separate critic from rl.reward_model (TRL's).
+      critic="shared",
     )
   )
   # GRPO: group-normalised advantages, clipped ratio, k3 KL to the reference.

@@ -558,4 +558,8 @@ def init_params(config, model_cfg, mesh, rules) -> dict:
       )(jax.random.fold_in(rng, 1))
     params = merge_params(params, adapters)
   check_tree(params, boxed_full, "model parameters")
+  from jft.rl import critic  # noqa: PLC0415 (critic imports this module)
+
+  if critic.enabled(config):
+    params = {**params, critic.KEY: critic.load(config, model_cfg, mesh, rules)}
   return params

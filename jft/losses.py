@@ -153,6 +153,16 @@ def preference_loss(
 # ---------------------------------------------------------- token log-probs
 
 
+def tempered(logits, temperature: float):
+  """The logits of the distribution rollouts sample from: logits / T. TRL
+  divides by the sampling temperature in the rollout and in the update
+  alike, so the PPO/GRPO ratio and the KL compare the distribution that was
+  sampled; T = 0 (greedy) or 1 leaves them as they are."""
+  if temperature in (0, 1):
+    return logits
+  return logits / temperature
+
+
 def token_logps(logits, targets):
   """Log-probability of each target token, [B, T] float32.
 

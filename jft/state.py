@@ -92,3 +92,15 @@ def merge_params(*trees: Mapping) -> dict:
         raise ValueError(f"parameter {path!r} is in more than one subtree")
       flat[path] = leaf
   return traverse_util.unflatten_dict(flat, sep="/")
+
+
+# Top-level keys of the params tree that hold another model trained along
+# with the policy (PPO's critic, `jft.rl.critic`): trained, checkpointed
+# and resumed with it, but never part of the model that is applied,
+# exported or loaded as `init`.
+AUX_KEYS = ("critic",)
+
+
+def model_params(params: Mapping) -> dict:
+  """`params` without the auxiliary models (`AUX_KEYS`)."""
+  return {k: v for k, v in params.items() if k not in AUX_KEYS}

@@ -34,7 +34,7 @@ from jft.interop import hf
 from jft.interop import peft as peft_format
 from jft.models import transformer
 from jft.peft import lora
-from jft.state import TrainState, flat_paths, split_params
+from jft.state import TrainState, flat_paths, model_params, split_params
 
 
 class NonFiniteLossError(RuntimeError):
@@ -45,8 +45,9 @@ def freeze_table(config, model_cfg):
   """`config.freeze`, or the automatic table when it is empty."""
   if config.freeze:
     return tuple(tuple(r) for r in config.freeze)
+  critic = ((r"critic/.*", "trainable"),)  # PPO's critic trains in full
   if model_cfg.peft.lora_rank > 0:
-    return lora.ADAPTER_FREEZE
+    return critic + lora.ADAPTER_FREEZE
   return ((".*", "trainable"),)
 
 
@@ -72,7 +73,7 @@ class ApplyFn:
   ):
     rngs = {"dropout": rng} if (train and rng is not None) else {}
     return self.model.apply(
-      {"params": params},
+      {"params": model_params(params)},  # without PPO's critic
       inputs,
       positions,
       segment_ids,
@@ -419,7 +420,7 @@ def export(
     and (config.lora.save_adapters or config.lora.save_merged)
   ):
     return
-  params = sharding.to_host(state.params)
+  params = model_params(sharding.to_host(state.params))
   if not primary:
     return
   if config.lora.save_adapters:

@@ -674,3 +674,9 @@ def test_kto_by_hand():
   close(g, [0.0, 0.0])
   with pytest.raises(ValueError, match="bco"):
     losses.kto_loss(policy, ref, policy, 0.0, beta=0.1, loss_type="bco")
+
+
+def test_tempered_divides_by_the_sampling_temperature():
+  x = jnp.array([[2.0, -1.0, 0.5]])
+  np.testing.assert_array_equal(losses.tempered(x, 0.5), x * 2.0)
+  assert losses.tempered(x, 1.0) is x and losses.tempered(x, 0) is x

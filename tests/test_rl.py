@@ -15,6 +15,7 @@ from conftest import tiny_config
 
 from jft import checkpoint, sharding, train
 from jft.data import tasks
+from jft.data.tokenizer import Tokenizer
 from jft.rl import rewards, rollouts
 
 
@@ -226,3 +227,95 @@ def test_kto_run_full_and_lora(suite_dir, tmp_path):
     for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "kl"):
       assert np.isfinite(last[f"eval/{key}"]), key
     assert np.isfinite(last["train/loss"])
+
+
+def _tiny_reward_model(suite_dir, workdir):
+  """A reward model of the policy's shape: 2 steps on the suite's pairs."""
+  c = tiny_config(suite_dir, objective="reward")
+  c.model.head = "score"
+  c.data.train_files = str(suite_dir / "pref_train.jsonl")
+  c.data.eval_files = str(suite_dir / "pref_eval.jsonl")
+  c.total_steps, c.eval_every, c.checkpoint_every = 2, 0, 2
+  train.run(c, workdir)
+  return workdir
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_ppo_critic_starts_as_the_reward_model_and_trains(
+  suite_dir, tmp_path, lora
+):
+  """ppo.critic='reward_model': the critic (params['critic']) is the reward
+  model's weights at the start, trains with the policy (also under LoRA),
+  is checkpointed with it, and stays out of what loads as the model."""
+  rm = _tiny_reward_model(suite_dir, str(tmp_path / "rm"))
+  config = _rl_config(
+    suite_dir,
+    "ppo",
+    **{
+      "lora.rank": lora,
+      "model.head": "lm",
+      "ppo.critic": "reward_model",
+      "rl.reward_model": rm,
+      "rl.reward_funcs": "reward_model",
+      "checkpoint_every": 1,
+    },
+  )
+  workdir = str(tmp_path / "ppo")
+  train.run(config, workdir)
+  assert "train/val/clipfrac_avg" in set().union(*_metrics(workdir))
+  mesh = sharding.make_mesh(config.mesh)
+  rm_params = checkpoint.load_params(rm, mesh)
+  first = _starting_params(config, tmp_path)
+  jax.tree.map(np.testing.assert_array_equal, first["critic"], rm_params)
+  end = checkpoint.load_params(workdir, mesh, aux=True)
+  moved = jax.tree.map(
+    lambda a, b: bool(np.any(a != b)), end["critic"], rm_params
+  )
+  assert all(jax.tree.leaves(moved))  # every critic leaf trained
+  model_only = checkpoint.load_params(workdir, mesh)
+  assert "critic" not in model_only and "score" not in model_only
+  if lora == 0:  # the reference copy holds no critic
+    ref = checkpoint.load_params(workdir, mesh, parts=("ref",), aux=True)
+    assert "critic" not in ref
+
+
+def test_ppo_critic_errors(suite_dir):
+  from jft.objectives.ppo import PPO
+
+  tok = Tokenizer.load(str(suite_dir / "tok.model"))
+  for keys, match in (
+    ({"ppo.critic": "twin"}, "ppo.critic: unknown"),
+    ({"ppo.critic": "reward_model"}, "model.head='lm'"),
+    ({"ppo.critic": "shared", "model.head": "lm"}, "model.head='lm\\+value'"),
+  ):
+    with pytest.raises(ValueError, match=match):
+      PPO(_rl_config(suite_dir, "ppo", **keys), tok)
+
+
+def test_rollout_logps_are_of_the_sampled_tempered_distribution():
+  """Old and reference log-probs are of logits / T, the distribution the
+  rollout sampled (TRL's); the losses temper the same way."""
+  from jft import config as base
+
+  table = jax.random.normal(jax.random.PRNGKey(0), (7, 7))  # token -> logits
+  src = object.__new__(rollouts.GRPORollouts)
+  src.config = base.base_config()
+  src.config.rl.temperature = 0.5
+  src.apply_fn = lambda p, inputs, positions, segment_ids: p[inputs]
+  inputs = np.array([[1, 2, 3], [4, 5, 6]])
+  targets = np.array([[2, 3, 4], [5, 6, 0]])
+  batch = {
+    "inputs": inputs,
+    "targets": targets,
+    "positions": np.zeros_like(inputs),
+    "segment_ids": np.ones_like(inputs),
+  }
+  stats = src._policy_stats(table, table * 3.0, batch)
+  want = np.take_along_axis(
+    jax.nn.log_softmax(table[inputs] / 0.5), targets[..., None], -1
+  )[..., 0]
+  np.testing.assert_allclose(stats["old_logp"], want, rtol=1e-6)
+  ref_want = np.take_along_axis(
+    jax.nn.log_softmax(table[inputs] * 3.0 / 0.5), targets[..., None], -1
+  )[..., 0]
+  np.testing.assert_allclose(stats["ref_logp"], ref_want, rtol=1e-6)

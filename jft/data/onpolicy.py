@@ -30,9 +30,13 @@ _FORMAT = 1  # Bump when the mining changes: invalidates mined files.
 
 
 def pairs_from_answers(
-  records: Sequence[dict], answers: Sequence[Sequence[str]]
+  records: Sequence[dict],
+  answers: Sequence[Sequence[str]],
+  every_wrong: bool = False,
 ) -> tuple[list[dict], dict[str, list[int]]]:
-  """One pair per record that has a wrong, non-empty answer.
+  """One pair per record that has a wrong, non-empty answer (with
+  `every_wrong`, one per distinct wrong answer: a reward model then sees
+  every mistake the model made, not only its first).
 
   `records` are suite rows ({"task","prompt","completion"}); `answers[i]`
   are record i's decoded answers, greedy first. An empty answer (eos at
@@ -49,15 +53,17 @@ def pairs_from_answers(
       for a in cands
       if a.strip() and not tasks.is_correct(task, prompt, a)
     ]
+    wrong = list(dict.fromkeys(wrong))  # distinct, first seen first
     count = counts.setdefault(task, [0, 0])
     count[0] += 1
     if wrong:
       count[1] += 1
+    for w in wrong if every_wrong else wrong[:1]:
       rows.append(
         {
           "prompt": prompt,
           "chosen": rec["completion"],
-          "rejected": " " + wrong[0],
+          "rejected": " " + w,
           "task": task,
         }
       )
@@ -65,7 +71,12 @@ def pairs_from_answers(
 
 
 def mine(
-  records: Sequence[dict], answer_fn: AnswerFn, *, samples: int, seed: int
+  records: Sequence[dict],
+  answer_fn: AnswerFn,
+  *,
+  samples: int,
+  seed: int,
+  every_wrong: bool = False,
 ) -> tuple[list[dict], dict[str, list[int]]]:
   """Greedy answers plus `samples` sampled ones per prompt, then pairs."""
   prompts = [r["prompt"] for r in records]
@@ -73,7 +84,9 @@ def mine(
     jax.random.fold_in(jax.random.PRNGKey(seed), i) for i in range(samples)
   ]
   per_key = [answer_fn(prompts, k) for k in keys]  # [K+1][N]
-  return pairs_from_answers(records, list(zip(*per_key, strict=True)))
+  return pairs_from_answers(
+    records, list(zip(*per_key, strict=True)), every_wrong
+  )
 
 
 def make_answer_fn(
@@ -118,6 +131,7 @@ def write_pairs(
   samples: int,
   seed: int,
   write: bool = True,
+  every_wrong: bool = False,
 ) -> dict[str, str]:
   """Mines each split into OUT_DIR/onpolicy_{split}.jsonl, once.
 
@@ -135,7 +149,9 @@ def write_pairs(
   def rows():
     for split, recs in records.items():
       start = time.perf_counter()
-      mined, counts = mine(recs, answer_fn, samples=samples, seed=seed)
+      mined, counts = mine(
+        recs, answer_fn, samples=samples, seed=seed, every_wrong=every_wrong
+      )
       if write:
         took = time.perf_counter() - start
         print(f"{summary_line(split, counts)}; mined in {took:.1f} s")
@@ -165,6 +181,11 @@ def builtin_pairs(config, workdir: str, tokenizer, apply_fn, params):
   Returns (train_spec, eval_spec, held-out suite rows for task accuracy).
   """
   c, d = config, config.dpo
+  if d.mine_pairs not in ("first", "all"):
+    raise ValueError(
+      f"config.dpo.mine_pairs: unknown {d.mine_pairs!r}; expected 'first' "
+      "(one pair per prompt) or 'all' (one per distinct wrong answer)"
+    )
   if d.builtin_pairs not in BUILTIN_PAIRS:
     raise ValueError(
       f"config.dpo.builtin_pairs: unknown {d.builtin_pairs!r}; expected "
@@ -192,6 +213,7 @@ def builtin_pairs(config, workdir: str, tokenizer, apply_fn, params):
       "temperature": d.mine_temperature,
       "max_new_tokens": c.sft.max_new_tokens,
       "seed": c.seed,
+      "pairs": d.mine_pairs,
     },
     {"train": train[:n], "eval": held_out},
     make_answer_fn(
@@ -204,6 +226,7 @@ def builtin_pairs(config, workdir: str, tokenizer, apply_fn, params):
     samples=d.mine_samples,
     seed=c.seed,
     write=jax.process_index() == 0,
+    every_wrong=d.mine_pairs == "all",
   )
   sharding.sync("jft_onpolicy_pairs")
   for split, path in paths.items():

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from jft.peft import lora
-from jft.state import flat_paths
+from jft.state import flat_paths, model_params
 
 # name -> (sum, weight); the logged value is sum / weight.
 MetricSums = dict[str, tuple[jax.Array, jax.Array]]
@@ -106,11 +106,11 @@ class Reference:
   def stored(self, params, trainable) -> dict:
     """What the train state keeps (`TrainState.ref`)."""
     if self.mode == "copy":
-      return jax.tree.map(jnp.copy, params)
+      return jax.tree.map(jnp.copy, model_params(params))
     if self.mode == "adapters_off":
       moving = {
         p: jnp.copy(v)
-        for p, v in flat_paths(trainable).items()
+        for p, v in flat_paths(model_params(trainable)).items()
         if p.rsplit("/", 1)[-1] not in lora.LORA_LEAVES
       }
       return traverse_util.unflatten_dict(moving, sep="/")
@@ -122,7 +122,7 @@ class Reference:
       return None
     if self.mode == "copy":
       return stored
-    flat = flat_paths(params)
+    flat = flat_paths(model_params(params))
     flat.update(flat_paths(stored))  # the starting values of moving leaves
     return lora.zero_adapters(traverse_util.unflatten_dict(flat, sep="/"))
 

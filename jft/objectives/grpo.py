@@ -75,6 +75,7 @@ class GRPO(base.Objective):
       train=train,
     )  # [B, T, V]
     mask = batch["weights"]  # completion tokens
+    logits = losses.tempered(logits, self.config.rl.temperature)
     logp = losses.token_logps(logits, batch["targets"])  # [B, T]
     if g.control == "sft_on_correct":
       keep = mask * (batch["scores"] > 0)

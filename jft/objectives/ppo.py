@@ -1,11 +1,14 @@
 """PPO (Schulman et al. 2017) as RLHF does it (Ziegler et al. 2019; TRL).
 
-The policy carries its value head on its own trunk (`model.head =
-'lm+value'`): one forward gives the token logits and a value per position,
-and the critic costs one [D, 1] kernel instead of a second model. (TRL
-builds a separate critic from the reward model; on a small CPU budget the
-shared trunk halves the compute, at the price of coupling the value and
-policy gradients, which `ppo.vf_coef` weighs.)
+The critic (`ppo.critic`):
+  'reward_model' (configs/ppo.py; TRL's choice): a separate model started
+    from the reward model's weights (`jft.rl.critic`), trained in the same
+    update. It knows from step one what the reward model thinks of each
+    prompt and of partial answers.
+  'shared': a value head on the policy's own trunk (`model.head =
+    'lm+value'`, started at zero): one forward, one [D, 1] kernel, no
+    second model; but the head lags, and on the built-in suite PPO with it
+    lowered task accuracy (README).
 
 The rollout source (`jft.rl.rollouts.PPORollouts`) samples completions,
 scores them (a reward model by default), and stores the old log-probs,
@@ -22,7 +25,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jft import losses
+from jft.models import transformer
 from jft.objectives import base
+from jft.rl import critic
 
 
 class PPO(base.Objective):
@@ -36,10 +41,16 @@ class PPO(base.Objective):
 
   def __init__(self, config, tokenizer):
     super().__init__(config, tokenizer)
-    if config.model.head != "lm+value":
+    mode = config.ppo.critic
+    if mode not in critic.MODES:
       raise ValueError(
-        "objective 'ppo' needs a value head: set config.model.head="
-        f"'lm+value' (got {config.model.head!r})"
+        f"config.ppo.critic: unknown {mode!r}; expected one of {critic.MODES}"
+      )
+    head = "lm+value" if mode == "shared" else "lm"
+    if config.model.head != head:
+      raise ValueError(
+        f"config.ppo.critic={mode!r} needs config.model.head={head!r} (got "
+        f"{config.model.head!r})"
       )
     self.ref = base.Reference.for_run(config)
 
@@ -50,16 +61,26 @@ class PPO(base.Objective):
     """The reference model's params (read by the rollout source)."""
     return self.ref.tree(params, stored)
 
+  def values(self, apply_fn, params, batch, out) -> jnp.ndarray:
+    """The critic's values [B, T]; `out` is the policy's forward output."""
+    if self.config.ppo.critic == "shared":
+      return out[1]
+    return critic.values(apply_fn.config, params[critic.KEY], batch)
+
   def loss(self, apply_fn, params, batch, rng, train, ref=None):
     p = self.config.ppo
-    logits, values = apply_fn(
+    out = apply_fn(
       params,
       batch["inputs"],
       batch["positions"],
       batch["segment_ids"],
       rng=rng,
       train=train,
-    )  # [B, T, V], [B, T]
+    )
+    logits = losses.tempered(  # [B, T, V], as sampled
+      transformer.logits_of(out), self.config.rl.temperature
+    )
+    values = self.values(apply_fn, params, batch, out)  # [B, T]
     mask = batch["weights"]  # completion tokens
     logp = losses.token_logps(logits, batch["targets"])  # [B, T]
     pg_sum, n, pm = losses.ppo_policy_loss(

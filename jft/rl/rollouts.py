@@ -229,16 +229,21 @@ class Rollouts:
         p, batch["inputs"], batch["positions"], batch["segment_ids"]
       )
 
+    temp = self.config.rl.temperature
     out = forward(params)
-    logits = transformer.logits_of(out)
+    logits = losses.tempered(transformer.logits_of(out), temp)
     res = {
       "old_logp": losses.token_logps(logits, batch["targets"]),  # [N, T]
       "entropy": losses.token_entropy(logits),
     }
     if self.needs_values:
-      res["old_values"] = out[1]  # [N, T]
+      res["old_values"] = self.objective.values(
+        self.apply_fn, params, batch, out
+      )  # [N, T]
     if ref is not None:
-      ref_logits = transformer.logits_of(forward(jax.lax.stop_gradient(ref)))
+      ref_logits = losses.tempered(
+        transformer.logits_of(forward(jax.lax.stop_gradient(ref))), temp
+      )
       res["ref_logp"] = losses.token_logps(ref_logits, batch["targets"])
     return res
 
