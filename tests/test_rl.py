@@ -229,6 +229,37 @@ def test_kto_run_full_and_lora(suite_dir, tmp_path):
     assert np.isfinite(last["train/loss"])
 
 
+def test_kto_builtin_rows_are_the_pairs_unpaired(suite_dir, tmp_path):
+  """configs/kto.py with no data files: the built-in pairs (synthetic here,
+  no mining), each pair one desirable and one undesirable row."""
+  config = tiny_config(
+    suite_dir,
+    config_file="configs/kto.py",
+    total_steps=2,
+    eval_every=2,
+    checkpoint_every=2,
+  )
+  config.data.train_files = config.data.eval_files = ""
+  config.data.builtin.n_train, config.data.builtin.n_eval = 8, 4
+  config.dpo.builtin_pairs = "synthetic"
+  workdir = tmp_path / "kto"
+  last = train.run(config, str(workdir))
+  assert np.isfinite(last["train/loss"])
+  pairs = [
+    json.loads(x) for x in (workdir / "data" / "pref_train.jsonl").open()
+  ]
+  rows = [
+    json.loads(x) for x in (workdir / "data" / "pref_train_kto.jsonl").open()
+  ]
+  assert len(rows) == 2 * len(pairs)
+  assert rows[0] == {
+    "prompt": pairs[0]["prompt"],
+    "completion": pairs[0]["chosen"],
+    "label": True,
+  }
+  assert rows[1]["completion"] == pairs[0]["rejected"] and not rows[1]["label"]
+
+
 def _tiny_reward_model(suite_dir, workdir):
   """A reward model of the policy's shape: 2 steps on the suite's pairs."""
   c = tiny_config(suite_dir, objective="reward")

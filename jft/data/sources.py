@@ -73,6 +73,7 @@ def data_files(config, workdir: str, kind: str) -> tuple[str, str]:
     write()
   sharding.sync("jft_builtin_suite")
   paths = write()
+  kind = {"kto": "pref"}.get(kind, kind)  # KTO's rows: the pairs, unpaired
   return paths[f"{kind}_train"], paths[f"{kind}_eval"]
 
 
