@@ -6,6 +6,7 @@ optimizer state (see `jft.state`).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 
@@ -104,10 +105,11 @@ def parse_lr_scale(spec: str) -> list[tuple[str, float]]:
       re.compile(pattern)
     except (ValueError, re.error):
       value = None
-    if not eq or not pattern or value is None or value < 0:
+    if not eq or not pattern or value is None or not 0 <= value < math.inf:
       raise ValueError(
         f"config.optimizer.lr_scale: {part!r} is not REGEX=FACTOR (a "
-        "regular expression over parameter paths, a factor >= 0)"
+        "regular expression over parameter paths, without commas; a finite "
+        "factor >= 0)"
       )
     out.append((pattern, value))
   return out

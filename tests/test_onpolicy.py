@@ -160,3 +160,25 @@ def test_builtin_dpo_run_trains_on_mined_pairs(tiny_model, tmp_path):
   with open(os.path.join(wd, "data", "onpolicy_train.jsonl")) as f:
     assert first["data/train_pairs"] == sum(1 for _ in f)
   assert "eval/task_accuracy" in first
+
+
+def test_unpaired_rows_per_file_without_repeats(tmp_path):
+  """KTO's rows: each file of a comma-separated spec unpaired next to it;
+  the true answer shared by two pairs of one prompt appears once."""
+  a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+  a.write_text(
+    json.dumps({"prompt": "p", "chosen": " 3", "rejected": " 4"})
+    + "\n"
+    + json.dumps({"prompt": "p", "chosen": " 3", "rejected": " 5"})
+    + "\n"
+  )
+  b.write_text(json.dumps({"prompt": "q", "chosen": " x", "rejected": " y"}))
+  train, ev = onpolicy.unpaired(f"{a},{b}", str(b))
+  assert train == f"{tmp_path / 'a_kto.jsonl'},{tmp_path / 'b_kto.jsonl'}"
+  assert ev == str(tmp_path / "b_kto.jsonl")
+  rows = [json.loads(x) for x in (tmp_path / "a_kto.jsonl").open()]
+  assert rows == [
+    {"prompt": "p", "completion": " 3", "label": True},
+    {"prompt": "p", "completion": " 4", "label": False},
+    {"prompt": "p", "completion": " 5", "label": False},
+  ]

@@ -257,7 +257,7 @@ def test_lr_scale_multiplies_matching_leaves_only():
   updates, _ = opt.update(grads, opt.init(params), params)
   np.testing.assert_allclose(updates["value_head"]["kernel"], -1.0, rtol=1e-6)
   np.testing.assert_allclose(updates["trunk"]["kernel"], -0.1, rtol=1e-6)
-  for bad in ("value_head", "value_head=x", "nothing_here=2", "=2"):
+  for bad in ("value_head", "value_head=x", "nothing_here=2", "=2", "v=nan"):
     cfg.lr_scale = bad
     with pytest.raises(ValueError, match="lr_scale"):
       optim.make_optimizer(cfg, 5, params)

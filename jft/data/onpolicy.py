@@ -246,22 +246,26 @@ def builtin_pairs(config, workdir: str, tokenizer, apply_fn, params):
 
 def unpaired(train_spec: str, eval_spec: str) -> tuple[str, str]:
   """KTO rows (`{"prompt","completion","label"}`) from preference pairs:
-  each chosen answer a desirable row, each rejected one an undesirable row,
-  written next to the pairs (process 0) as `*_kto.jsonl`."""
+  each chosen answer a desirable row, each rejected one an undesirable row
+  (a row repeated by several pairs, e.g. the true answer under
+  `mine_pairs='all'`, once), written next to each pairs file (process 0)
+  as `*_kto.jsonl`. Specs may list several files (comma-separated)."""
   out = []
   for spec in (train_spec, eval_spec):
-    path = spec.replace(".jsonl", "") + "_kto.jsonl"
-    if jax.process_index() == 0:
-      rows = []
-      for r in pipeline.read_jsonl_files(
-        spec, ("prompt", "chosen", "rejected")
-      ):
-        for field, label in (("chosen", True), ("rejected", False)):
-          rows.append(
-            {"prompt": r["prompt"], "completion": r[field], "label": label}
-          )
-      text = "".join(json.dumps(r) + "\n" for r in rows)
-      write_bytes_atomic(path, text.encode("utf-8"))
-    out.append(path)
+    paths = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+      path = part.removesuffix(".jsonl") + "_kto.jsonl"
+      if jax.process_index() == 0:
+        rows = {}
+        for r in pipeline.read_jsonl_files(
+          part, ("prompt", "chosen", "rejected")
+        ):
+          for field, label in (("chosen", True), ("rejected", False)):
+            row = {"prompt": r["prompt"], "completion": r[field]}
+            rows.setdefault(json.dumps({**row, "label": label}), None)
+        text = "".join(line + "\n" for line in rows)
+        write_bytes_atomic(path, text.encode("utf-8"))
+      paths.append(path)
+    out.append(",".join(paths))
   sharding.sync("jft_kto_rows")
   return out[0], out[1]

@@ -75,12 +75,13 @@ class GRPO(base.Objective):
       train=train,
     )  # [B, T, V]
     mask = batch["weights"]  # completion tokens
-    logits = losses.tempered(logits, self.config.rl.temperature)
-    logp = losses.token_logps(logits, batch["targets"])  # [B, T]
-    if g.control == "sft_on_correct":
+    if g.control == "sft_on_correct":  # plain NLL: untempered logits
+      logp = losses.token_logps(logits, batch["targets"])  # [B, T]
       keep = mask * (batch["scores"] > 0)
       n = jnp.sum(keep)
       return -jnp.sum(logp * keep), n, {"control/kept_tokens": (n, 1.0)}
+    logits = losses.tempered(logits, self.config.rl.temperature)
+    logp = losses.token_logps(logits, batch["targets"])  # [B, T]
     _, metrics = losses.grpo_loss(
       logp,
       batch["old_logp"],
