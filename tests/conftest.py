@@ -2,8 +2,20 @@
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+from jaxlib import version as _jaxlib_version  # noqa: E402 (no backend yet)
+
+_FLAGS = ["--xla_force_host_platform_device_count=8"]
+if tuple(int(p) for p in _jaxlib_version.__version__.split(".")[:2]) >= (0, 9):
+  # XLA:CPU aborts the process when one of the 8 fake devices reaches a
+  # collective more than ~40 s after the others; on a loaded 2-core CI
+  # machine that happens (a SIGABRT mid-suite). A slow test beats a dead run.
+  _FLAGS += [
+    "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300",
+    "--xla_cpu_collective_call_terminate_timeout_seconds=1800",
+    "--xla_cpu_collective_timeout_seconds=1800",
+  ]
+os.environ["XLA_FLAGS"] = " ".join(
+  [os.environ.get("XLA_FLAGS", "")] + _FLAGS
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
