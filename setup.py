@@ -29,6 +29,7 @@ setuptools.setup(
   extras_require={
     "test": [
       "pytest>=8",
+      "hypothesis>=6",  # property-based fuzzing of the data readers
       "ruff>=0.6",
       "nbformat>=5",
       "nbclient>=0.10",

@@ -92,6 +92,10 @@ def base_config() -> ml_collections.ConfigDict:
   # safetensors) put on the `init` base: its r, alpha and targets become
   # config.lora's, and training continues from it (or evaluate it).
   c.init_adapter = ""
+  # Keys a resume may change beyond jft/resume.py's MAY_CHANGE list
+  # (comma-separated dotted keys, e.g. 'optimizer.lr,seed'); anything else
+  # that differs from WORKDIR/config.json is an error.
+  c.allow_config_change = ""
 
   c.model = model_config("tiny")
 

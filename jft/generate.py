@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -375,12 +374,15 @@ def make_text_decoder(
 
 
 def _read_prompts(path: str) -> list:
+  """Prompts of a JSONL file; a bad row is a DataError naming file:line."""
   from jft.data.jsonl import DataError, read_jsonl
+  from jft.objectives.sft import check_messages
 
   rows = read_jsonl(path)
   out = []
   for r in rows:
     if "messages" in r:
+      check_messages(r["messages"], r.where)
       out.append(r["messages"])
     elif isinstance(r.get("prompt"), str):
       out.append(r["prompt"])
@@ -413,6 +415,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--dtype", default="float32")
   p.add_argument("--out", default=None, help="write JSONL here")
+  p.add_argument(
+    "--verbose", action="store_true", help="tracebacks for user errors too"
+  )
   args = p.parse_args(argv)
   model = jft.load(args.init, adapter=args.adapter, dtype=args.dtype)
   prompts = args.prompt or _read_prompts(args.prompts)
@@ -454,4 +459,6 @@ __all__ = [
 ]
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from jft import cli
+
+  cli.run_main(main)

@@ -21,6 +21,7 @@ generation_config.json under `source/`, so exports carry its fields.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -38,6 +39,7 @@ from flax import traverse_util
 from jft import checkpoint, sharding
 from jft.data import tokenizer as tokenizers
 from jft.data.tokenizer import train_tokenizer
+from jft.errors import ConfigError, UserError
 from jft.interop import hf
 from jft.interop import peft as peft_format
 from jft.interop.hf import export as hf_export
@@ -48,6 +50,10 @@ from jft.state import flat_paths, merge_params
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE_DIR = hf_export.SOURCE_DIR
 SP_FILE = "tokenizer.model"  # a tokenizer jft trains itself
+
+
+class SourceNotFound(UserError, FileNotFoundError):
+  """A file or directory a config key names is missing; says which key."""
 
 
 def kind(init: str) -> str:
@@ -76,15 +82,24 @@ def cache_root(config) -> str:
   )
 
 
+def find_config_file(path: str) -> str | None:
+  """Where `configs/X.py` is: relative to the cwd, else to jft's checkout."""
+  for base in (os.getcwd(), REPO_ROOT):
+    full = os.path.join(base, path)
+    if os.path.isfile(full):
+      return full
+  return None
+
+
 def load_config_file(spec: str):
   """`configs/X.py[:ARG]` -> its `get_config(ARG)` (cwd, then repo root)."""
   path, _, arg = spec.partition(":")
-  for base in (os.getcwd(), REPO_ROOT):
-    full = os.path.join(base, path)
-    if os.path.exists(full):
-      break
-  else:
-    raise FileNotFoundError(f"config.init: no config file {path!r}")
+  full = find_config_file(path)
+  if full is None:
+    raise SourceNotFound(
+      f"no config file {path!r} (looked relative to the working directory "
+      f"and to {REPO_ROOT})"
+    )
   mod_spec = importlib.util.spec_from_file_location("_jft_stage_cfg", full)
   module = importlib.util.module_from_spec(mod_spec)
   mod_spec.loader.exec_module(module)
@@ -217,21 +232,22 @@ def find_tokenizer(config, workdir: str | None = None, corpus=None):
   a `workdir` and a `corpus` to train on."""
   if config.data.tokenizer:
     path = config.data.tokenizer
-    if os.path.isdir(path):
-      return tokenizers.load_tokenizer_dir(path)
-    return tokenizers.load_tokenizer_file(path)
+    with _missing("data.tokenizer", path):
+      if os.path.isdir(path):
+        return tokenizers.load_tokenizer_dir(path)
+      return tokenizers.load_tokenizer_file(path)
   k = kind(config.init)
-  if k == "hf":
-    return tokenizers.load_tokenizer_dir(hf_dir(config.init))
-  if k == "workdir":
-    return tokenizers.load_tokenizer_dir(config.init)
+  if k in ("hf", "workdir"):
+    where = hf_dir(config.init) if k == "hf" else config.init
+    with _missing("init", config.init):
+      return tokenizers.load_tokenizer_dir(where)
   if k == "stage":
     raise ValueError(
       f"config.init={config.init!r} is not resolved; call "
       "jft.init.resolve_stages first (python -m jft.main does)"
     )
   if workdir is None or corpus is None:
-    raise ValueError("config.data.tokenizer: a random init needs one")
+    raise ConfigError("config.data.tokenizer: a random init needs one")
   try:
     return tokenizers.load_tokenizer_dir(workdir)  # resume
   except FileNotFoundError:
@@ -241,6 +257,17 @@ def find_tokenizer(config, workdir: str | None = None, corpus=None):
     output_path=os.path.join(workdir, SP_FILE),
     vocab_size=config.data.tokenizer_vocab_size,
   )
+
+
+@contextlib.contextmanager
+def _missing(key: str, value: str):
+  """A FileNotFoundError inside becomes a `SourceNotFound` naming `key`."""
+  try:
+    yield
+  except FileNotFoundError as e:
+    if isinstance(e, UserError):
+      raise
+    raise SourceNotFound(f"config.{key}={value!r}: {e}") from None
 
 
 # ----------------------------------------------------------- model config
@@ -257,7 +284,7 @@ def _adapter_options(config, base_cfg) -> options.PeftOptions | None:
     opts.lora_alpha,
     opts.lora_rslora,
   ):
-    raise ValueError(
+    raise ConfigError(
       f"config.init_adapter={config.init_adapter!r} has r={opts.lora_rank}, "
       f"lora_alpha={opts.lora_alpha}, use_rslora={opts.lora_rslora}; "
       f"config.lora says rank={lo.rank}, alpha={lo.alpha}, "
@@ -280,13 +307,19 @@ def model_config(config, tokenizer) -> transformer.TransformerConfig:
   if k in ("hf", "workdir"):
     _check_free_fields(config, d)
     free = {f: d[f] for f in FREE_FIELDS if d.get(f) is not None}
-    if k == "hf":
-      d = hf.model_config_dict(hf_dir(config.init), free)
-    else:
-      d = _workdir_model_dict(config.init, free)
+    with _missing("init", config.init):
+      if k == "hf":
+        d = hf.model_config_dict(hf_dir(config.init), free)
+      else:
+        d = _workdir_model_dict(config.init, free)
   if d.get("vocab_size") is None:
     d["vocab_size"] = -(-tokenizer.vocab_size // 64) * 64
-  base = transformer.config_from_dict(d)
+  try:
+    base = transformer.config_from_dict(d)
+  except ValueError as e:  # a model field the user set (or its preset)
+    if k == "random" and not isinstance(e, UserError):
+      raise ConfigError(f"config.model: {e}") from None
+    raise
   peft = _adapter_options(config, base)
   if peft is None:
     peft = options.from_run_config(config)
@@ -301,7 +334,7 @@ def model_config(config, tokenizer) -> transformer.TransformerConfig:
     )
   cfg = dataclasses.replace(base, peft=peft)
   if cfg.vocab_size < tokenizer.vocab_size:
-    raise ValueError(
+    raise ConfigError(
       f"the tokenizer ({tokenizer!r}) has {tokenizer.vocab_size} ids but "
       f"the model's embedding table has {cfg.vocab_size} rows "
       "(config.model.vocab_size, or the checkpoint's config.json); they "
@@ -326,7 +359,7 @@ def _check_free_fields(config, d) -> None:
   }
   if bad:
     f, v = next(iter(bad.items()))
-    raise ValueError(
+    raise ConfigError(
       f"config.model.{f}={v!r}: with config.init={config.init!r} the "
       f"architecture comes from there; only config.model.{{"
       f"{', '.join(FREE_FIELDS)}}} may be set"
@@ -441,7 +474,7 @@ def _overlay(params, full: dict, shardings: dict, where: str) -> dict:
   flat = flat_paths(params)
   for p, v in full.items():
     if p not in flat or tuple(flat[p].shape) != tuple(v.shape):
-      raise ValueError(
+      raise ConfigError(
         f"{where}: {p} {tuple(v.shape)} does not fit the base model "
         f"({tuple(flat[p].shape) if p in flat else 'no such parameter'})"
       )
@@ -542,7 +575,7 @@ def init_params(config, model_cfg, mesh, rules) -> dict:
     if ad_lora:
       missing = sorted(set(ad_sh) - set(ad_lora))
       if missing:
-        raise ValueError(
+        raise ConfigError(
           f"config.init_adapter={config.init_adapter!r} lacks {missing[:6]}"
         )
       adapters = _unflatten(

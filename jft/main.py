@@ -1,8 +1,13 @@
 """Command-line entry: `python -m jft.main --config=configs/NAME.py[:ARG]`.
 
 Flags: `--workdir=DIR` (default: a new folder under ./runs/, printed), and
-`--config.KEY=VALUE` overrides; the config is locked, so a mistyped key or a
-value of the wrong type fails with the key's name.
+`--config.KEY=VALUE` overrides; the config is locked, so a mistyped key (with
+the closest keys) or a value of the wrong type fails with the key's name,
+and `jft.validate` checks every value before anything runs.
+
+A user error (bad flag, key, value, file or data row) prints one line,
+`error: ...`, and exits 2; `--verbose` or `JFT_VERBOSE=1` adds the
+traceback. Other exit codes are in jft/errors.py (see jft/cli.py).
 
 Multi-process runs (one process per host, or several per machine with
 `launch/local.py`) start JAX's distributed runtime first; see
@@ -17,17 +22,25 @@ from __future__ import annotations
 import os
 import sys
 import time
-import traceback
 from collections.abc import Mapping
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jft import cli, errors
+from jft.validate import validate
+
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config file.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
+flags.DEFINE_bool(
+  "verbose",
+  False,
+  "On a user error, print the traceback as well as the message (or set "
+  f"{cli.VERBOSE_ENV}=1).",
+)
 _COORDINATOR = flags.DEFINE_string(
   "coordinator_address", None, "host:port of process 0 (multi-process)."
 )
@@ -135,17 +148,18 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:  # orbax logs a lot at INFO
     logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  validate(config)  # before any stage trains or any device is touched
   maybe_init_distributed()
   from jft import init, train  # after distributed init: may touch devices
 
   primary = jax.process_index() == 0
   if not primary and logging.get_verbosity() > logging.WARNING:
     logging.set_verbosity(logging.WARNING)  # INFO from process 0 only
-  config = _CONFIG.value
   workdir = _WORKDIR.value
   if workdir is None:
     if jax.process_count() > 1:
-      raise app.UsageError(
+      raise errors.UserError(
         f"--workdir is required with {jax.process_count()} processes (each "
         "would pick its own timestamped default); use a directory all "
         "processes share"
@@ -172,16 +186,16 @@ def main(argv):
     return
   try:
     run()
-  except BaseException:
+  except BaseException as exc:
     # A failed process must exit now: JAX's graceful distributed shutdown
     # would wait for peers that are blocked in a collective with it, and
     # the launcher only sees failures of processes that exit.
-    traceback.print_exc()
     sys.stdout.flush()
+    code = cli.report(exc, verbose=cli.verbose_requested())
     sys.stderr.flush()
-    os._exit(1)
+    os._exit(code or errors.EXIT_INTERNAL)
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run_absl(main)

@@ -41,6 +41,13 @@ def first_and_last(path: str) -> tuple[dict, dict]:
   return first, last
 
 
+def _strict(value) -> float | None:
+  """A float, or None (JSON null) for NaN/inf: metrics.jsonl stays JSON
+  that every parser reads (bare NaN is not JSON)."""
+  value = float(value)
+  return value if math.isfinite(value) else None
+
+
 class MetricWriter:
   """Appends `{"step": int, name: float, ...}` lines; mirrors to TensorBoard."""
 
@@ -57,12 +64,12 @@ class MetricWriter:
     if not self.enabled or not metrics:
       return
     row = {"step": int(step)}
-    row.update({k: float(v) for k, v in metrics.items()})
+    row.update({k: _strict(v) for k, v in metrics.items()})
     with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+      f.write(json.dumps(row, allow_nan=False) + "\n")
     if self._tb is not None:
       for k, v in row.items():
-        if k != "step" and math.isfinite(v):
+        if k != "step" and v is not None:
           self._tb.add_scalar(k, v, int(step))
 
   def close(self) -> None:

@@ -13,7 +13,11 @@ from collections.abc import Mapping
 import ml_collections
 import optax
 
+from jft.errors import ConfigError
 from jft.state import flat_paths
+
+OPTIMIZERS = ("adamw", "sgd", "adafactor")  # config.optimizer.name
+SCHEDULES = ("cosine", "linear", "constant")  # config.optimizer.schedule
 
 
 def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int):
@@ -32,9 +36,9 @@ def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int):
   elif cfg.schedule == "constant":
     main = optax.constant_schedule(cfg.lr)
   else:
-    raise ValueError(
+    raise ConfigError(
       f"config.optimizer.schedule: unknown {cfg.schedule!r}; "
-      "expected 'cosine', 'linear' or 'constant'"
+      f"expected one of {SCHEDULES}"
     )
   if warmup == 0:
     return main
@@ -79,9 +83,9 @@ def make_optimizer(
       weight_decay_mask=mask,
     )
   else:
-    raise ValueError(
+    raise ConfigError(
       f"config.optimizer.name: unknown {cfg.name!r}; "
-      "expected 'adamw', 'sgd' or 'adafactor'"
+      f"expected one of {OPTIMIZERS}"
     )
   parts = []
   if cfg.grad_clip_norm and cfg.grad_clip_norm > 0:
@@ -106,7 +110,7 @@ def parse_lr_scale(spec: str) -> list[tuple[str, float]]:
     except (ValueError, re.error):
       value = None
     if not eq or not pattern or value is None or not 0 <= value < math.inf:
-      raise ValueError(
+      raise ConfigError(
         f"config.optimizer.lr_scale: {part!r} is not REGEX=FACTOR (a "
         "regular expression over parameter paths, without commas; a finite "
         "factor >= 0)"
@@ -123,7 +127,7 @@ def path_mask(params: Mapping, pattern: str):
   rx = re.compile(pattern)
   flat = {p: bool(rx.search(p)) for p in flat_paths(params)}
   if not any(flat.values()):
-    raise ValueError(
+    raise ConfigError(
       f"config.optimizer.lr_scale: {pattern!r} matches no trainable "
       f"parameter (paths look like {next(iter(flat), '')!r})"
     )

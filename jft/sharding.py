@@ -29,6 +29,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jft.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 # Logical names that only activations use (no parameter carries them), so a
@@ -41,18 +43,18 @@ def mesh_shape(sizes: Mapping[str, int], n_devices: int) -> tuple[int, ...]:
   """Resolves axis sizes (one may be -1 = the rest) to a full shape."""
   shape = [int(sizes[a]) for a in MESH_AXES]
   if shape.count(-1) > 1:
-    raise ValueError(f"config.mesh: at most one axis may be -1, got {sizes}")
+    raise ConfigError(f"config.mesh: at most one axis may be -1, got {sizes}")
   known = int(np.prod([s for s in shape if s != -1]))
   if -1 in shape:
     if n_devices % known:
-      raise ValueError(
+      raise ConfigError(
         f"config.mesh: {n_devices} devices do not divide by the fixed "
         f"axes {sizes}"
       )
     shape[shape.index(-1)] = n_devices // known
   if int(np.prod(shape)) != n_devices:
     sizes = dict(zip(MESH_AXES, shape, strict=True))
-    raise ValueError(
+    raise ConfigError(
       f"config.mesh: axis sizes {sizes} need "
       f"{int(np.prod(shape))} devices, {n_devices} are present"
     )
@@ -70,12 +72,12 @@ def select_devices(num_devices: int = 0) -> list:
   if not num_devices or num_devices == len(devices):
     return list(devices)
   if jax.process_count() > 1:
-    raise ValueError(
+    raise ConfigError(
       f"config.mesh.num_devices={num_devices}: a multi-process run uses all "
       f"{len(devices)} devices (set 0)"
     )
   if not 0 < num_devices <= len(devices):
-    raise ValueError(
+    raise ConfigError(
       f"config.mesh.num_devices={num_devices}, but {len(devices)} devices "
       "are present"
     )
@@ -128,7 +130,7 @@ def logical_specs(boxed_abstract) -> dict[str, tuple]:
 def validate_rules(boxed_abstract, mesh: Mesh, rules) -> None:
   """Checks the rule table against a model's (abstract, boxed) parameters.
 
-  Raises a ValueError naming:
+  Raises a ConfigError (a ValueError) naming:
     * a rule whose logical name no parameter uses (a typo), unless the name
       is an activation axis (`ACTIVATION_AXES`) or the rule maps to None
       (replicated: harmless, e.g. `layers` when `scan_layers=False`);
@@ -144,21 +146,21 @@ def validate_rules(boxed_abstract, mesh: Mesh, rules) -> None:
   for name, target in rules:
     if name in ACTIVATION_AXES or target is None or name in used:
       continue
-    raise ValueError(
+    raise ConfigError(
       f"config.mesh.rules: rule {(name, target)!r} matches no parameter "
       f"axis; parameter axes are {sorted(used)}"
     )
   for name, target in rules:
     unknown = [a for a in _mesh_axes_of(target) if a not in mesh.shape]
     if unknown:
-      raise ValueError(
+      raise ConfigError(
         f"config.mesh.rules: rule {(name, target)!r} names mesh axes "
         f"{unknown}; the mesh has {tuple(mesh.shape)}"
       )
   for path, names in sorted(specs.items()):
     for name in names:
       if name is not None and name not in ruled:
-        raise ValueError(
+        raise ConfigError(
           f"config.mesh.rules: parameter {path} has logical axis {name!r} "
           f"with no rule; add ({name!r}, mesh axes or None)"
         )
@@ -171,7 +173,7 @@ def validate_rules(boxed_abstract, mesh: Mesh, rules) -> None:
       n = math.prod(mesh.shape[a] for a in axes)
       if size % n:
         sizes = {a: mesh.shape[a] for a in axes}
-        raise ValueError(
+        raise ConfigError(
           f"config.mesh: parameter {path} {tuple(shape)} dimension {dim} "
           f"(size {size}, logical {name!r}) does not divide by mesh axes "
           f"{sizes} (product {n})"

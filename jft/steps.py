@@ -17,6 +17,18 @@ import optax
 from jft.objectives.base import MetricSums
 from jft.state import TrainState, merge_params
 
+FINITE = "finite"  # the train step's flag: loss, grad norm, params finite
+
+
+def all_finite(tree) -> jax.Array:
+  """One bool: every float in `tree` is finite (a save needs all)."""
+  leaves = [
+    jnp.all(jnp.isfinite(x))
+    for x in jax.tree.leaves(tree)
+    if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+  ]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
 
 def _add_metrics(a: MetricSums, b: MetricSums) -> MetricSums:
   return {k: (a[k][0] + b[k][0], a[k][1] + b[k][1]) for k in a}
@@ -106,11 +118,14 @@ def make_train_step(objective, apply_fn, optimizer, schedule, grad_accum_steps):
       grads, state.opt_state, state.trainable
     )
     trainable = optax.apply_updates(state.trainable, updates)
+    loss, grad_norm = loss_sum / denom, optax.tree.norm(grads)
     metrics = {
-      "train/loss": loss_sum / denom,
+      "train/loss": loss,
       "train/lr": schedule(state.step),
-      "train/grad_norm": optax.tree.norm(grads),
+      "train/grad_norm": grad_norm,
       "train/weight": weight,
+      # Not logged: whether this step may be saved (train.py checks it).
+      FINITE: all_finite((loss, grad_norm, trainable)),
       **_finalise(mets, "train"),
     }
     new_state = state.replace(

@@ -21,11 +21,15 @@ from absl import logging
 
 from jft import (
   checkpoint,
+  errors,
   evaluators,
   init,
   metrics,
   objectives,
   optim,
+  preempt,
+  resume,
+  runlock,
   sharding,
   steps,
 )
@@ -35,10 +39,11 @@ from jft.interop import peft as peft_format
 from jft.models import transformer
 from jft.peft import lora
 from jft.state import TrainState, flat_paths, model_params, split_params
+from jft.validate import validate
 
 
-class NonFiniteLossError(RuntimeError):
-  """Training produced a NaN/inf loss; the run stops before saving it."""
+class NonFiniteLossError(errors.NonFiniteError):
+  """Training produced a NaN/inf; the run stops before saving it."""
 
 
 def freeze_table(config, model_cfg):
@@ -93,20 +98,39 @@ def run(
   """Trains per `config` in `workdir`; returns the last logged metrics.
 
   `stop_after=k` checkpoints and returns after step k, as a preempted job
-  would (tests and notebooks use it; a rerun resumes).
+  would (tests and notebooks use it; a rerun resumes). SIGTERM/SIGINT save
+  and raise `errors.Preempted`; one run per workdir (`runlock`).
   """
+  validate(config)  # every value rule, before anything is built
   os.makedirs(workdir, exist_ok=True)
   primary = jax.process_index() == 0
-  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
-  start = ckpt.latest_step() or 0
-  if start >= config.total_steps:
-    if primary:
-      print(
-        f"{workdir}: already finished (step {start} of "
-        f"{config.total_steps}); nothing to do."
-      )
-    ckpt.close()
-    return {}
+  say = print if primary else (lambda *_: None)
+  with (
+    runlock.WorkdirLock(workdir, enabled=primary, say=say),
+    preempt.Preemption(say=say) as stop_signal,
+  ):
+    return _run(config, workdir, stop_after, stop_signal, primary)
+
+
+def _write_config(config, workdir, model_cfg, resuming: bool) -> None:
+  """WORKDIR/config.json: the resolved config. A resume must match it
+  first (jft/resume.py), so a changed key is an error, not an overwrite."""
+  resolved = config.to_dict()
+  resolved["model"] = {
+    "preset": config.model.preset,
+    **transformer.config_to_dict(model_cfg),
+  }
+  if resuming:
+    resume.check(workdir, resolved, config.allow_config_change)
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w") as f:
+      json.dump(resolved, f, indent=2, default=str)
+    os.replace(path + ".tmp", path)
+    logging.info("model: %s", model_cfg)
+
+
+def _check_stages_resolved(config) -> None:
   for key in init.STAGE_KEYS:
     value = init.get_key(config, key)
     if isinstance(value, str) and init.kind(value) == "stage":
@@ -115,6 +139,167 @@ def run(
         "(jft.init.resolve_stages(config, train.run); python -m jft.main "
         "does this)"
       )
+
+
+def _initial_state(config, model_cfg, params, objective, mesh) -> TrainState:
+  """The train state at step 0, placed on the mesh."""
+  trainable, frozen = split_params(params, freeze_table(config, model_cfg))
+  for path, leaf in flat_paths(trainable).items():
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+      raise ValueError(
+        f"config.freeze: {path} ({leaf.dtype}) cannot be trained; freeze it"
+      )
+  ref = objective.reference_params(params, trainable)
+  optimizer, _ = optim.make_optimizer(
+    config.optimizer, config.total_steps, trainable
+  )
+  state = TrainState(
+    step=jnp.zeros((), jnp.int32),
+    trainable=trainable,
+    frozen=frozen,
+    opt_state=jax.jit(  # moments shard like their params (FSDP)
+      optimizer.init,
+      out_shardings=sharding.opt_state_shardings(optimizer, trainable, mesh),
+    )(trainable),
+    rng=jax.random.PRNGKey(config.seed),
+    ref=ref,
+  )
+  return jax.device_put(
+    state,
+    jax.tree.map(
+      lambda x: (
+        x.sharding
+        if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)
+        else sharding.replicated(mesh)
+      ),
+      state,
+    ),
+  )
+
+
+def _accounting(state, primary: bool) -> dict[str, int]:
+  """Parameter counts and bytes, logged at step 0 and printed."""
+  acc = {
+    "params/trainable": transformer.param_count(state.trainable),
+    "params/frozen": transformer.param_count(state.frozen),
+    "params/trainable_bytes": transformer.param_bytes(state.trainable),
+    "params/frozen_bytes": transformer.param_bytes(state.frozen),
+    "params/opt_state_bytes": transformer.param_bytes(state.opt_state),
+    "params/reference_bytes": transformer.param_bytes(state.ref),
+  }
+  if primary:
+    labels = {p: "trainable" for p in flat_paths(state.trainable)}
+    labels.update({p: "frozen" for p in flat_paths(state.frozen)})
+    for p in sorted(labels):
+      logging.info("param %-40s %s", p, labels[p])
+    print("params: " + ", ".join(f"{k}={v:,}" for k, v in acc.items()))
+  return acc
+
+
+def _compile(config, objective, apply_fn, state, mesh, rules):
+  """(jitted train step, jitted eval step) with the run's shardings."""
+  optimizer, schedule = optim.make_optimizer(
+    config.optimizer, config.total_steps, state.trainable
+  )
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  batch_shardings = sharding.batch_sharding(mesh)
+  # Traced under the mesh and rules: the model's activation constraints apply.
+  train_step = jax.jit(
+    sharding.with_mesh_rules(
+      steps.make_train_step(
+        objective, apply_fn, optimizer, schedule, config.grad_accum_steps
+      ),
+      mesh,
+      rules,
+    ),
+    in_shardings=(state_shardings, batch_shardings),
+    out_shardings=(state_shardings, sharding.replicated(mesh)),
+    donate_argnums=(0,),
+  )
+  eval_step = jax.jit(
+    sharding.with_mesh_rules(
+      steps.make_eval_step(objective, apply_fn), mesh, rules
+    ),
+    in_shardings=(
+      jax.tree.map(lambda x: x.sharding, state.params),
+      jax.tree.map(lambda x: x.sharding, state.ref),
+      batch_shardings,
+    ),
+    out_shardings=sharding.replicated(mesh),
+  )
+  return train_step, eval_step
+
+
+def _evaluator(objective, apply_fn, eval_step, eval_batches, evals, mesh):
+  """`evaluate(state) -> {'eval/...': float}`: eval batches + evaluators."""
+
+  def evaluate(state) -> dict[str, float]:
+    params, res = state.params, {}
+    if eval_batches:
+      sums = None
+      for b in eval_batches:
+        out = eval_step(params, state.ref, sharding.global_batch(b, mesh))
+        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+      sums = jax.device_get(sums)
+      res = {
+        f"eval/{k}": float(s) / max(float(w), 1e-12)
+        for k, (s, w) in sums.items()
+      }
+      if objective.token_loss:
+        res["eval/perplexity"] = math.exp(min(res["eval/loss"], 80.0))
+    for ev in evals:
+      res.update(ev(apply_fn, params))
+    return res
+
+  return evaluate
+
+
+def _finite_guard(ckpt):
+  """`check(step, metrics)`: raises NonFiniteLossError, naming the last good
+  checkpoint, when the step's loss, grad norm or updated params are not
+  finite. Every save is preceded by this check, so every saved step is good.
+  """
+
+  def check(step: int, m) -> None:
+    if bool(m[steps.FINITE]):
+      return
+    vals = jax.device_get({k: m[k] for k in ("train/loss", "train/grad_norm")})
+    what = ", ".join(f"{k} {float(v)}" for k, v in vals.items())
+    ckpt.wait()
+    good = ckpt.latest_step()
+    where = (
+      f"The last good checkpoint is step {good} in {ckpt.directory}; a "
+      "rerun resumes from it (lower optimizer.lr or raise "
+      "optimizer.grad_clip_norm first)"
+      if good is not None
+      else "No checkpoint was saved before it; nothing to resume"
+    )
+    raise NonFiniteLossError(
+      f"training diverged at step {step} ({what}, or a parameter is not "
+      f"finite after the update); stopped without saving it. {where}."
+    )
+
+  return check
+
+
+def _run(config, workdir, stop_after, stop_signal, primary):
+  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+  try:
+    return _train(config, workdir, stop_after, stop_signal, primary, ckpt)
+  finally:
+    ckpt.close()
+
+
+def _train(config, workdir, stop_after, stop_signal, primary, ckpt):
+  latest = ckpt.latest_step() or 0
+  if latest >= config.total_steps:
+    if primary:
+      print(
+        f"{workdir}: already finished (step {latest} of "
+        f"{config.total_steps}); nothing to do."
+      )
+    return {}
+  _check_stages_resolved(config)
 
   # Mesh.
   mesh = sharding.make_mesh(config.mesh)
@@ -145,16 +330,8 @@ def run(
         "reward model's trained score head; set it False and use "
         "config.lora.save_merged=True (a sequence classifier)"
       )
+  _write_config(config, workdir, model_cfg, resuming=latest > 0)
   model = transformer.Transformer(model_cfg)
-  if primary:
-    resolved = config.to_dict()
-    resolved["model"] = {
-      "preset": config.model.preset,
-      **transformer.config_to_dict(model_cfg),
-    }
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(resolved, f, indent=2, default=str)
-    logging.info("model: %s", model_cfg)
   init.record_source(config, workdir)
   params = init.init_params(config, model_cfg, mesh, rules)
   apply_fn = make_apply_fn(model, mesh)
@@ -172,125 +349,40 @@ def run(
     _batch_runner(mesh),
     lm=_starting_lm(config, model_cfg, mesh, rules),
   )
-  train_iter, eval_batches = data.train, data.eval_batches
+  train_iter = data.train
   evals = evaluators.build(
     config, tokenizer, data.eval_records, objective.evaluators
   )
-
-  trainable, frozen = split_params(params, freeze_table(config, model_cfg))
-  for path, leaf in flat_paths(trainable).items():
-    if not jnp.issubdtype(leaf.dtype, jnp.floating):
-      raise ValueError(
-        f"config.freeze: {path} ({leaf.dtype}) cannot be trained; freeze it"
-      )
-  ref = objective.reference_params(params, trainable)
+  state = _initial_state(config, model_cfg, params, objective, mesh)
   del params
-  optimizer, schedule = optim.make_optimizer(
-    config.optimizer, config.total_steps, trainable
-  )
-  state = TrainState(
-    step=jnp.zeros((), jnp.int32),
-    trainable=trainable,
-    frozen=frozen,
-    opt_state=jax.jit(  # moments shard like their params (FSDP)
-      optimizer.init,
-      out_shardings=sharding.opt_state_shardings(optimizer, trainable, mesh),
-    )(trainable),
-    rng=jax.random.PRNGKey(config.seed),
-    ref=ref,
-  )
-  state = jax.device_put(
-    state,
-    jax.tree.map(
-      lambda x: (
-        x.sharding
-        if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)
-        else sharding.replicated(mesh)
-      ),
-      state,
-    ),
-  )
-  state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  accounting = {
-    "params/trainable": transformer.param_count(state.trainable),
-    "params/frozen": transformer.param_count(state.frozen),
-    "params/trainable_bytes": transformer.param_bytes(state.trainable),
-    "params/frozen_bytes": transformer.param_bytes(state.frozen),
-    "params/opt_state_bytes": transformer.param_bytes(state.opt_state),
-    "params/reference_bytes": transformer.param_bytes(state.ref),
-  }
-  if primary:
-    labels = {p: "trainable" for p in flat_paths(state.trainable)}
-    labels.update({p: "frozen" for p in flat_paths(state.frozen)})
-    for p in sorted(labels):
-      logging.info("param %-40s %s", p, labels[p])
-    print("params: " + ", ".join(f"{k}={v:,}" for k, v in accounting.items()))
+  accounting = _accounting(state, primary)
 
-  # Resume.
+  # Resume: the newest checkpoint that verifies (older ones if not).
   writer = metrics.MetricWriter(workdir, enabled=primary)
-  if start:
+  start = 0
+  if latest:
     abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
       state,
     )
-    state = ckpt.restore(start, abstract, train_iter)
-    if primary:
-      metrics.truncate_jsonl(writer.path, start)
+    start, restored = ckpt.restore_latest_good(
+      abstract, train_iter, say=print if primary else (lambda *_: None)
+    )
+    if restored is not None:
+      state = restored
+    if primary and start:
       print(f"Resuming {workdir} from checkpoint at step {start}.")
+  if primary:  # rows past the restored step are logged again (all of a
+    # run killed before its first checkpoint, step 0 included)
+    metrics.truncate_jsonl(writer.path, start if start else -1)
 
-  # Compile.
-  batch_shardings = sharding.batch_sharding(mesh)
-  # Traced under the mesh and rules: the model's activation constraints apply.
-  p_train_step = jax.jit(
-    sharding.with_mesh_rules(
-      steps.make_train_step(
-        objective, apply_fn, optimizer, schedule, config.grad_accum_steps
-      ),
-      mesh,
-      rules,
-    ),
-    in_shardings=(state_shardings, batch_shardings),
-    out_shardings=(state_shardings, sharding.replicated(mesh)),
-    donate_argnums=(0,),
+  train_step, eval_step = _compile(
+    config, objective, apply_fn, state, mesh, rules
   )
-  p_eval_step = jax.jit(
-    sharding.with_mesh_rules(
-      steps.make_eval_step(objective, apply_fn), mesh, rules
-    ),
-    in_shardings=(
-      jax.tree.map(lambda x: x.sharding, state.params),
-      jax.tree.map(lambda x: x.sharding, state.ref),
-      batch_shardings,
-    ),
-    out_shardings=sharding.replicated(mesh),
+  evaluate = _evaluator(
+    objective, apply_fn, eval_step, data.eval_batches, evals, mesh
   )
-
-  def evaluate(state) -> dict[str, float]:
-    params, res = state.params, {}
-    if eval_batches:
-      sums = None
-      for b in eval_batches:
-        out = p_eval_step(params, state.ref, sharding.global_batch(b, mesh))
-        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-      sums = jax.device_get(sums)
-      res = {
-        f"eval/{k}": float(s) / max(float(w), 1e-12)
-        for k, (s, w) in sums.items()
-      }
-      if objective.token_loss:
-        res["eval/perplexity"] = math.exp(min(res["eval/loss"], 80.0))
-    for ev in evals:
-      res.update(ev(apply_fn, params))
-    return res
-
-  def check_finite(step: int, m) -> None:
-    loss = float(m["train/loss"])
-    if not math.isfinite(loss):
-      ckpt.wait()
-      raise NonFiniteLossError(
-        f"train/loss is {loss} at step {step}; stopping. The last good "
-        f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}"
-      )
+  check_finite = _finite_guard(ckpt)
 
   # Loop.
   progress = metrics.Progress(config.total_steps, enabled=primary)
@@ -309,11 +401,12 @@ def run(
         )
       )
   tokens, t_last, s_last, pending = 0, time.time(), start, None
+  preempted = False
   try:
     for step in range(start, config.total_steps):
       local, source_metrics = train_iter.next(state)
       tokens += int(np.sum(local["weights"] > 0))
-      state, m = p_train_step(state, sharding.global_batch(local, mesh))
+      state, m = train_step(state, sharding.global_batch(local, mesh))
       s = step + 1
       if pending is not None:  # one step behind: keeps dispatch async
         check_finite(*pending)
@@ -326,7 +419,7 @@ def run(
           {
             k: float(v)
             for k, v in jax.device_get(m).items()
-            if k != "train/weight"
+            if k.startswith("train/") and k != "train/weight"
           }
         )
         elapsed = max(now - t_last, 1e-9)
@@ -342,7 +435,9 @@ def run(
         if ev and primary:
           print("  ".join(f"{k} {v:.4f}" for k, v in ev.items()))
         t_last, s_last = time.time(), s  # eval is not training throughput
-      stop = stop_after is not None and s >= stop_after
+      # Every step asks (all processes must); the last step just finishes.
+      preempted = stop_signal.should_stop(s) and s < config.total_steps
+      stop = preempted or (stop_after is not None and s >= stop_after)
       if s % config.checkpoint_every == 0 or s == config.total_steps or stop:
         check_finite(s, m)
         ckpt.save(s, state, train_iter)
@@ -351,22 +446,29 @@ def run(
         last = out
       if stop:
         break
+    ckpt.wait()
   finally:
-    ckpt.close()
     writer.close()
+  if preempted:
+    raise errors.Preempted(int(state.step), stop_signal.signame, workdir)
   if int(state.step) >= config.total_steps:
     export(config, workdir, state, model_cfg, tokenizer, primary)
   if primary and int(state.step) >= config.total_steps:
-    report = ""
-    if objective.summary_rows or objective.evaluators:
-      report = evaluators.summary_table(
-        objective.summary_rows, *metrics.first_and_last(writer.path)
-      )
-    if report:
-      print(report)
-      with open(os.path.join(workdir, "summary.md"), "w") as f:
-        f.write(report + "\n")
+    _write_summary(objective, workdir, writer.path)
   return last
+
+
+def _write_summary(objective, workdir: str, metrics_path: str) -> None:
+  """WORKDIR/summary.md: the objective's before/after table, if any."""
+  if not (objective.summary_rows or objective.evaluators):
+    return
+  report = evaluators.summary_table(
+    objective.summary_rows, *metrics.first_and_last(metrics_path)
+  )
+  if report:
+    print(report)
+    with open(os.path.join(workdir, "summary.md"), "w") as f:
+      f.write(report + "\n")
 
 
 def _starting_lm(config, model_cfg, mesh, rules):

@@ -14,8 +14,10 @@ import importlib.util
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -420,3 +422,45 @@ def test_multiprocess_run_requires_workdir():
   out = _launch(["--config.total_steps=1"], timeout=240)
   assert out.returncode != 0
   assert "--workdir is required with 2 processes" in out.stdout
+
+
+def test_sigterm_to_the_launcher_saves_one_agreed_step_and_exits_75(
+  suite_dir, tmp_path
+):
+  # Both processes must save at the same step (JAX's preemption sync point)
+  # or the save's collectives hang; the launcher forwards the signal.
+  workdir = tmp_path / "pre"
+  overrides = dict(_overrides(suite_dir, suite_dir / "pretrain_train.jsonl"))
+  overrides.update(
+    {"total_steps": 2000, "checkpoint_every": 5000, "eval_every": 0}
+  )
+  args = [f"--config={CONFIG}", f"--workdir={workdir}"]
+  args += [f"--config.{k}={v}" for k, v in overrides.items()]
+  cmd = [sys.executable, os.path.join(ROOT, "launch", "local.py")]
+  cmd += ["--num_processes=2", "--devices_per_process=4", "--timeout=400"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.Popen(
+    [*cmd, "--", *args],
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+  try:
+    rows = workdir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+      if rows.exists() and rows.read_text().count('"train/loss"') >= 2:
+        break
+      time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[0][-5000:]
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=400)
+  finally:
+    proc.kill()
+  assert proc.returncode == 75, out[-5000:]
+  step = checkpoint.Checkpointer(str(workdir)).latest_step()
+  assert step is not None and 0 < step < 2000, out[-3000:]
+  # Each process says where it stopped: the same step.
+  said = [ln for ln in out.splitlines() if "saved a checkpoint at step" in ln]
+  assert len(said) == 2 and all(f"at step {step} " in ln for ln in said), out

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jft.data import chat
+from jft.data.jsonl import DataError, decode_utf8, load_json_bytes
 from jft.data.tokenizer_util import group_ids, save_files, split_by_offsets
 
 CONFIG_FILE = "tokenizer_config.json"
@@ -75,14 +76,12 @@ class HFFiles:
     return os.path.join(self.directory, name)
 
   def _json(self, name: str) -> dict:
+    """A JSON file's object; a malformed file is a DataError naming it."""
     if name not in self.raw:
       return {}
-    try:
-      value = json.loads(self.raw[name].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise ValueError(f"{self.path(name)} is not valid JSON: {e}") from None
+    value = load_json_bytes(self.raw[name], self.path(name))
     if not isinstance(value, dict):
-      raise ValueError(f"{self.path(name)} must hold a JSON object")
+      raise DataError(f"{self.path(name)} must hold a JSON object")
     return value
 
   def token(self, key: str) -> tuple[str | None, str | None]:
@@ -135,7 +134,7 @@ class HFFiles:
     decoder = self.config.get("added_tokens_decoder")
     if isinstance(decoder, Mapping):
       for k, v in decoder.items():
-        if _content(v) == text and str(k).isdigit():
+        if _content(v) == text and str(k).isdecimal():
           return int(k)
     return None
 
@@ -152,7 +151,8 @@ class HFFiles:
     the caller passes tools and there is one (as transformers chooses).
     """
     if TEMPLATE_FILE in self.raw:
-      return self.raw[TEMPLATE_FILE].decode("utf-8"), self.path(TEMPLATE_FILE)
+      where = self.path(TEMPLATE_FILE)
+      return decode_utf8(self.raw[TEMPLATE_FILE], where), where
     value = self.config.get("chat_template")
     where = self.path(CONFIG_FILE)
     if isinstance(value, list):

@@ -230,7 +230,8 @@ def builtin_pairs(config, workdir: str, tokenizer, apply_fn, params):
   )
   sharding.sync("jft_onpolicy_pairs")
   for split, path in paths.items():
-    with open(path, encoding="utf-8") as f:
+    # Bytes: a damaged file is read_jsonl's to report, with its line.
+    with open(path, "rb") as f:
       if not any(line.strip() for line in f):
         raise ValueError(
           f"{path}: the starting model answered every {split} prompt "

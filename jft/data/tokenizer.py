@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import json
 import os
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -59,6 +58,7 @@ from jft.data.hf_tokenizer import (
   HFSentencePieceTokenizer,
   HFTokenizer,
 )
+from jft.data.jsonl import DataError, iter_lines, parse_object
 from jft.data.tokenizer_util import load_sp, save_files, write_bytes_atomic
 
 __all__ = [
@@ -264,19 +264,38 @@ class Tokenizer:
 
 
 def _file_lines(path: str, field: str | None) -> Iterator[str]:
-  """Texts of a file: `field` of each JSONL record, else each non-empty line."""
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      line = line.rstrip("\n")
-      if not line.strip():
-        continue
-      if field is None or not path.endswith(".jsonl"):
-        yield line
-        continue
-      record = json.loads(line)
-      if field not in record:
-        raise KeyError(f"{path}:{lineno} has no field {field!r}.")
-      yield record[field]
+  """Texts of a file: `field` of each JSONL record, else each non-empty line.
+
+  A bad byte, line or record is a DataError naming the file and line.
+  """
+  jsonl = field is not None and path.endswith(".jsonl")
+  for where, line in iter_lines(path):
+    if jsonl:
+      yield _field_text(parse_object(line, where), field, where)
+    else:  # universal newlines, as text-mode reading splits them
+      text = line.replace("\r\n", "\n").replace("\r", "\n")
+      yield from (t for t in text.split("\n") if t.strip())
+
+
+def _field_text(record: dict, field: str, where: str) -> str:
+  """`record[field]`, which SentencePiece needs to be a string."""
+  if field not in record:
+    raise DataError(f"{where}: missing field {field!r}")
+  value = record[field]
+  if not isinstance(value, str):
+    kind = type(value).__name__
+    raise DataError(f"{where}: field {field!r} must be a string, got {kind}")
+  return value
+
+
+def _keep_error(texts: Iterator[str], caught: list) -> Iterator[str]:
+  """Yields `texts`, noting a DataError in `caught` before re-raising it:
+  SentencePiece turns its iterator's exceptions into a RuntimeError."""
+  try:
+    yield from texts
+  except DataError as e:
+    caught.append(e)
+    raise
 
 
 def train_tokenizer(
@@ -301,29 +320,35 @@ def train_tokenizer(
   file_texts = (t for path in files for t in _file_lines(path, field))
   symbols = [MASK_PIECE] + [s for s in user_defined_symbols if s != MASK_PIECE]
   buf = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-    sentence_iterator=itertools.chain(texts, file_texts),
-    model_writer=buf,
-    model_type=model_type,
-    vocab_size=vocab_size,
-    hard_vocab_limit=False,
-    pad_id=PAD_ID,
-    unk_id=UNK_ID,
-    bos_id=BOS_ID,
-    eos_id=EOS_ID,
-    user_defined_symbols=symbols,
-    split_digits=True,
-    byte_fallback=True,
-    character_coverage=1.0,
-    normalization_rule_name="identity",
-    remove_extra_whitespaces=False,
-    add_dummy_prefix=False,
-    # Determinism: one thread, every sentence, in input order.
-    num_threads=1,
-    input_sentence_size=0,
-    shuffle_input_sentence=False,
-    minloglevel=2,
-  )
+  caught: list[DataError] = []
+  try:
+    spm.SentencePieceTrainer.train(
+      sentence_iterator=_keep_error(itertools.chain(texts, file_texts), caught),
+      model_writer=buf,
+      model_type=model_type,
+      vocab_size=vocab_size,
+      hard_vocab_limit=False,
+      pad_id=PAD_ID,
+      unk_id=UNK_ID,
+      bos_id=BOS_ID,
+      eos_id=EOS_ID,
+      user_defined_symbols=symbols,
+      split_digits=True,
+      byte_fallback=True,
+      character_coverage=1.0,
+      normalization_rule_name="identity",
+      remove_extra_whitespaces=False,
+      add_dummy_prefix=False,
+      # Determinism: one thread, every sentence, in input order.
+      num_threads=1,
+      input_sentence_size=0,
+      shuffle_input_sentence=False,
+      minloglevel=2,
+    )
+  except RuntimeError:
+    if caught:  # SentencePiece wrapped it; the user needs file and line
+      raise caught[0] from None
+    raise
   proto = buf.getvalue()
   tok = Tokenizer(proto, name=output_path)
   write_bytes_atomic(output_path, proto)
@@ -415,4 +440,6 @@ def main(argv: Sequence[str]) -> Tokenizer:
 
 
 if __name__ == "__main__":
-  main(sys.argv)
+  from jft import cli
+
+  cli.run_main(lambda: main(sys.argv))

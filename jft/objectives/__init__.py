@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 
+from jft.errors import ConfigError
+
 REGISTRY = {
   "clm": "jft.objectives.clm:CLM",
   "sft": "jft.objectives.sft:SFT",
@@ -23,7 +25,7 @@ REGISTRY = {
 def get(name: str):
   """Returns the objective class registered under `name`."""
   if name not in REGISTRY:
-    raise ValueError(
+    raise ConfigError(
       f"config.objective: unknown {name!r}; known: {sorted(REGISTRY)}"
     )
   module, cls = REGISTRY[name].split(":")

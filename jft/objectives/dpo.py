@@ -34,6 +34,7 @@ import numpy as np
 
 from jft.data import chat, pipeline
 from jft.data.jsonl import DataError
+from jft.errors import ConfigError
 from jft.losses import (
   LENGTH_NORMALISED,  # noqa: F401  (re-exported: moved to jft.losses)
   LOSS_TYPES,
@@ -43,6 +44,9 @@ from jft.losses import (
 )
 from jft.objectives import base, sft
 from jft.objectives.sft import fit
+
+# config.dpo.mask: which completion tokens carry the preference.
+MASKS = ("full", "first_divergence")
 
 
 def _messages_text(msgs, template, where, field):
@@ -169,9 +173,8 @@ def pair_example(prompt_ids, chosen_ids, rejected_ids, mask="full"):
       if rejected:
         w[k + 1 :] = 0.0
     elif mask != "full":
-      raise ValueError(
-        f"config.dpo.mask: unknown {mask!r}; expected 'full' or "
-        "'first_divergence'"
+      raise ConfigError(
+        f"config.dpo.mask: unknown {mask!r}; expected one of {MASKS}"
       )
     full = np.concatenate([np.zeros(len(prompt_ids), np.float32), w])
     seqs.append(pipeline.causal_example(ids, full))
@@ -207,12 +210,12 @@ class DPO(base.Objective):
     super().__init__(config, tokenizer)
     d = config.dpo
     if d.loss_type not in LOSS_TYPES:
-      raise ValueError(
+      raise ConfigError(
         f"config.dpo.loss_type: unknown {d.loss_type!r}; expected one of "
         f"{LOSS_TYPES}"
       )
     if d.loss_type == "robust" and not 0 <= d.label_smoothing < 0.5:
-      raise ValueError("config.dpo.label_smoothing must be in [0, 0.5)")
+      raise ConfigError("config.dpo.label_smoothing must be in [0, 0.5)")
     self.template = sft.chat_format(config.sft, tokenizer)
     self.data_stats = {}
     if d.loss_type in REFERENCE_FREE:

@@ -20,9 +20,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jft import losses
+from jft.errors import ConfigError
 from jft.objectives import base
 
 CONTROLS = ("", "sft_on_correct")
+SCALE_REWARDS = ("auto", "true", "false")  # auto: not for dr_grpo
 
 
 class GRPO(base.Objective):
@@ -37,21 +39,21 @@ class GRPO(base.Objective):
     super().__init__(config, tokenizer)
     g = config.grpo
     if g.loss_type not in losses.GRPO_AGGS:
-      raise ValueError(
+      raise ConfigError(
         f"config.grpo.loss_type: unknown {g.loss_type!r}; expected one of "
         f"{losses.GRPO_AGGS}"
       )
     if g.control not in CONTROLS:
-      raise ValueError(
+      raise ConfigError(
         f"config.grpo.control: unknown {g.control!r}; expected one of "
         f"{CONTROLS}"
       )
-    if g.scale_rewards not in ("auto", "true", "false"):
-      raise ValueError(
-        "config.grpo.scale_rewards must be 'auto', 'true' or 'false'"
+    if g.scale_rewards not in SCALE_REWARDS:
+      raise ConfigError(
+        f"config.grpo.scale_rewards must be one of {SCALE_REWARDS}"
       )
     if g.num_generations < 2 and not g.control:
-      raise ValueError(
+      raise ConfigError(
         "config.grpo.num_generations must be >= 2: advantages compare each "
         "completion with its group"
       )

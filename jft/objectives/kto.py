@@ -25,6 +25,7 @@ import numpy as np
 from jft import losses
 from jft.data import chat, pipeline
 from jft.data.jsonl import DataError
+from jft.errors import ConfigError
 from jft.objectives import base, dpo, sft
 
 
@@ -76,12 +77,12 @@ class KTO(base.Objective):
     super().__init__(config, tokenizer)
     k = config.kto
     if k.loss_type not in losses.KTO_LOSS_TYPES:
-      raise ValueError(
+      raise ConfigError(
         f"config.kto.loss_type: unknown {k.loss_type!r}; expected one of "
         f"{losses.KTO_LOSS_TYPES}"
       )
     if k.beta <= 0:
-      raise ValueError(f"config.kto.beta must be positive, got {k.beta}")
+      raise ConfigError(f"config.kto.beta must be positive, got {k.beta}")
     self.template = sft.chat_format(config.sft, tokenizer)
     self.ref = base.Reference.for_run(config)
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from jft.errors import ConfigError
 from jft.objectives import base
 
 DEFAULTS = dict(mask_rate=0.15, mask_token_rate=0.8, random_token_rate=0.1)
@@ -34,15 +35,15 @@ def mlm_rates(config) -> dict[str, float]:
   given = dict(config.get("mlm") or {})
   unknown = sorted(set(given) - set(DEFAULTS))
   if unknown:
-    raise ValueError(f"config.mlm: unknown keys {unknown}; known {DEFAULTS}")
+    raise ConfigError(f"config.mlm: unknown keys {unknown}; known {DEFAULTS}")
   rates = {k: float(given.get(k, v)) for k, v in DEFAULTS.items()}
   if not 0.0 < rates["mask_rate"] <= 1.0:
-    raise ValueError(f"config.mlm.mask_rate must be in (0, 1]: {rates}")
+    raise ConfigError(f"config.mlm.mask_rate must be in (0, 1]: {rates}")
   replace = rates["mask_token_rate"] + rates["random_token_rate"]
   if min(rates["mask_token_rate"], rates["random_token_rate"]) < 0 or (
     replace > 1.0
   ):
-    raise ValueError(
+    raise ConfigError(
       "config.mlm.mask_token_rate and random_token_rate must be >= 0 and "
       f"sum to <= 1: {rates}"
     )

@@ -25,6 +25,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jft import losses
+from jft.errors import ConfigError
 from jft.models import transformer
 from jft.objectives import base
 from jft.rl import critic
@@ -43,12 +44,12 @@ class PPO(base.Objective):
     super().__init__(config, tokenizer)
     mode = config.ppo.critic
     if mode not in critic.MODES:
-      raise ValueError(
+      raise ConfigError(
         f"config.ppo.critic: unknown {mode!r}; expected one of {critic.MODES}"
       )
     head = "lm+value" if mode == "shared" else "lm"
     if config.model.head != head:
-      raise ValueError(
+      raise ConfigError(
         f"config.ppo.critic={mode!r} needs config.model.head={head!r} (got "
         f"{config.model.head!r})"
       )

@@ -48,10 +48,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jft.data.jsonl import DataError
+from jft.errors import ConfigError
 from jft.losses import bradley_terry
 from jft.objectives import base, dpo, sft
 
-TRUNCATION = ("truncate_prompt", "skip")
+TRUNCATION = sft.TRUNCATION
 ON_INVALID = ("error", "skip")
 
 
@@ -129,19 +130,19 @@ class RewardModel(base.Objective):
     super().__init__(config, tokenizer)
     head = config.model.head
     if head is not None and head != "score":
-      raise ValueError(
+      raise ConfigError(
         f"config.model.head={head!r}: objective 'reward' trains a reward "
         "model, which needs config.model.head='score' (one score per "
         "sequence; see configs/reward.py)"
       )
     r = config.reward
     if r.truncation not in TRUNCATION:
-      raise ValueError(
+      raise ConfigError(
         f"config.reward.truncation: unknown {r.truncation!r}; expected one "
         f"of {TRUNCATION}"
       )
     if r.on_invalid not in ON_INVALID:
-      raise ValueError(
+      raise ConfigError(
         f"config.reward.on_invalid: unknown {r.on_invalid!r}; expected one "
         f"of {ON_INVALID}"
       )
@@ -217,7 +218,7 @@ class RewardModel(base.Objective):
     head = getattr(getattr(apply_fn, "config", None), "head", None)
     if head not in (None, "score") or getattr(scores, "ndim", None) != 2:
       shape = getattr(scores, "shape", type(scores).__name__)
-      raise ValueError(
+      raise ConfigError(
         f"objective 'reward' needs a reward model, config.model.head="
         f"'score' (scores [B, T]); this model has head={head!r} and "
         f"returns {shape}"

@@ -36,9 +36,12 @@ import numpy as np
 
 from jft.data import chat, pipeline
 from jft.data.jsonl import DataError
+from jft.errors import ConfigError
 from jft.objectives.clm import CLM
 
 TEMPLATES = ("auto", "tokenizer", "table")
+# Rows longer than seq_len + 1: cut prompt tokens from the left, or drop.
+TRUNCATION = ("truncate_prompt", "skip")
 
 
 class Special(enum.Enum):
@@ -63,13 +66,13 @@ def chat_format(sft_cfg, tok):
   own chat template renders them (per `config.sft.template`)."""
   mode = sft_cfg.template
   if mode not in TEMPLATES:
-    raise ValueError(
+    raise ConfigError(
       f"config.sft.template: unknown {mode!r}; expected one of {TEMPLATES}"
     )
   if mode == "table" or (mode == "auto" and tok.chat_template is None):
     return load_template(sft_cfg)
   if tok.chat_template is None:
-    raise ValueError(
+    raise ConfigError(
       f"config.sft.template='tokenizer', but tokenizer {tok!r} has no chat "
       "template; use 'table' (config.sft.chat_template) or 'auto'"
     )
@@ -206,9 +209,8 @@ def fit(ids, mask, max_len: int, policy: str, keep: int = 1):
     return None, None, "skipped"
   if policy == "skip":
     return None, None, "skipped"
-  raise ValueError(
-    f"config.sft.truncation: unknown {policy!r}; expected "
-    "'truncate_prompt' or 'skip'"
+  raise ConfigError(
+    f"config.sft.truncation: unknown {policy!r}; expected one of {TRUNCATION}"
   )
 
 

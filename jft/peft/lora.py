@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 import jax.numpy as jnp
 from flax import traverse_util
 
+from jft.errors import ConfigError
 from jft.peft import options, quant
 from jft.state import flat_paths
 
@@ -29,6 +30,8 @@ def unflatten(flat: dict) -> dict:
 ALIASES = options.ALIASES
 resolve_targets = options.resolve_targets
 LORA_LEAVES = ("lora_a", "lora_b")
+# config.quant.table labels.
+QUANT_LABELS = ("quantize", "float")
 # Freeze table for adapter training: adapters train, and so do the new
 # scalar heads of a reward model or PPO policy (PEFT's `modules_to_save`);
 # everything else is frozen.
@@ -54,7 +57,7 @@ def check_targets(regex: str, base_params: Mapping) -> list[str]:
   paths = linear_paths(base_params)
   hit = [p for p in paths if re.fullmatch(regex, p)]
   if not hit:
-    raise ValueError(
+    raise ConfigError(
       f"config.lora.targets={regex!r} matches no Linear layer; the "
       f"layers are: {paths}"
     )
@@ -164,7 +167,7 @@ def check_quant_table(
     label = next((lb for rx, lb in compiled if rx.fullmatch(path)), None)
     if label is None:
       unmatched.append(path)
-    elif label not in ("quantize", "float"):
+    elif label not in QUANT_LABELS:
       bad.append(f"{path}: {label!r}")
     elif label == "quantize":
       if not path.endswith("/kernel"):
@@ -172,12 +175,12 @@ def check_quant_table(
       else:
         hit.append(path)
   if unmatched:
-    raise ValueError(
+    raise ConfigError(
       f"config.quant.table leaves parameter(s) unmatched: {unmatched}; "
       f"table: {list(table)}"
     )
   if bad:
-    raise ValueError(
+    raise ConfigError(
       f"config.quant.table: labels must be 'quantize' or 'float': {bad}"
     )
   return hit

@@ -12,6 +12,8 @@ import dataclasses
 import re
 from collections.abc import Mapping
 
+from jft.errors import ConfigError
+
 # Module-path regexes for the usual target sets (paths look like
 # `layers/attn/q`, or `layers_3/mlp/up` when layers are not scanned).
 ALIASES = {
@@ -52,9 +54,9 @@ class PeftOptions:
     table = tuple(tuple(r) for r in self.quant_table)
     object.__setattr__(self, "quant_table", table)
     if self.lora_rank < 0:
-      raise ValueError(f"config.lora.rank must be >= 0, got {self.lora_rank}")
+      raise ConfigError(f"config.lora.rank must be >= 0, got {self.lora_rank}")
     if self.quant_kind and self.quant_kind not in QUANT_KINDS:
-      raise ValueError(
+      raise ConfigError(
         f"config.quant.kind: unknown {self.quant_kind!r}; expected '' or "
         f"one of {QUANT_KINDS}"
       )

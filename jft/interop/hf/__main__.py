@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from jft import errors
 from jft.interop.hf import config as hf_config
 from jft.interop.hf import export as hf_export
 from jft.interop.hf import writer
@@ -60,11 +61,19 @@ def export_run(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+  common = argparse.ArgumentParser(add_help=False)
+  common.add_argument(
+    "--verbose", action="store_true", help="tracebacks for user errors too"
+  )
   parser = argparse.ArgumentParser(
-    prog="python -m jft.interop.hf", description=__doc__.split("\n")[0]
+    prog="python -m jft.interop.hf",
+    description=__doc__.split("\n")[0],
+    parents=[common],
   )
   sub = parser.add_subparsers(dest="command", required=True)
-  exp = sub.add_parser("export", help="jft run checkpoint -> HF directory")
+  exp = sub.add_parser(
+    "export", help="jft run checkpoint -> HF directory", parents=[common]
+  )
   exp.add_argument("--workdir", required=True, help="jft run directory")
   exp.add_argument("--out", required=True, help="HF directory to write")
   exp.add_argument("--step", type=int, default=None, help="default: latest")
@@ -77,10 +86,17 @@ def main(argv: Sequence[str] | None = None) -> None:
   )
   exp.add_argument("--max_shard_gb", type=float, default=2.0)
   exp.add_argument("--overwrite", action="store_true")
-  flg = sub.add_parser("flags", help="print --config.model.* for an HF dir")
+  flg = sub.add_parser(
+    "flags", help="print --config.model.* for an HF dir", parents=[common]
+  )
   flg.add_argument("dir")
   args = parser.parse_args(argv)
   if args.command == "export":
+    if not os.path.isfile(os.path.join(args.workdir, hf_config.CONFIG_FILE)):
+      raise errors.UserError(
+        f"--workdir={args.workdir}: not a jft run directory (no "
+        f"{hf_config.CONFIG_FILE})"
+      )
     dtype = {"source": None, "keep": "keep"}.get(args.dtype, args.dtype)
     export_run(
       args.workdir,
@@ -92,6 +108,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     print(f"wrote {args.out}")
   else:
+    if not os.path.isfile(os.path.join(args.dir, hf_config.CONFIG_FILE)):
+      raise errors.UserError(
+        f"{args.dir}: not a Hugging Face checkpoint directory (no "
+        f"{hf_config.CONFIG_FILE})"
+      )
     fields = hf_config.config_from_hf(
       hf_config.load_hf_config(args.dir),
       os.path.join(args.dir, hf_config.CONFIG_FILE),
@@ -100,4 +121,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  from jft import cli
+
+  cli.run_main(lambda: main(sys.argv[1:]))

@@ -1,0 +1,91 @@
+"""What a resumed run may change, and the check that enforces it.
+
+A resume continues the saved run, so its config must be the saved one
+(WORKDIR/config.json), up to the keys below: how long to train and how
+often to log, evaluate and checkpoint. Anything else (a learning rate, a
+seed, the batch size, the objective, a model shape) would silently make a
+different run out of two halves, so it is an error naming each key with its
+old and new value, unless `config.allow_config_change` lists it. Shape
+changes are caught here, before any restore.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from jft.errors import ConfigError
+
+# Keys a resume may change freely (prefix match on dotted paths).
+MAY_CHANGE = (
+  "total_steps",
+  "log_every",
+  "eval_every",
+  "checkpoint_every",
+  "keep_checkpoints",
+  "eval_batch_size",
+  "stage_cache",
+  "allow_config_change",
+  "sft.max_eval_generations",
+  "rl.samples_to_log",
+  "mesh.",  # orbax reshards on restore
+)
+
+
+def flatten(tree, prefix: str = "") -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}; lists and tuples are leaves."""
+  out = {}
+  for k, v in tree.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(flatten(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def _may_change(key: str, allowed: tuple[str, ...]) -> bool:
+  return any(
+    key == a or (a.endswith(".") and key.startswith(a)) for a in allowed
+  )
+
+
+def changes(
+  old: dict, new: dict, allowed=()
+) -> list[tuple[str, object, object]]:
+  """(key, old, new) for every key that differs and may not."""
+  allowed = MAY_CHANGE + tuple(allowed)
+  a, b = flatten(old), flatten(new)
+  out = []
+  for key in sorted(set(a) | set(b)):
+    if _may_change(key, allowed):
+      continue
+    va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+    if va != vb:
+      out.append((key, va, vb))
+  return out
+
+
+def as_json(resolved: dict) -> dict:
+  """The dict as config.json stores it (tuples as lists, odd values str)."""
+  return json.loads(json.dumps(resolved, default=str))
+
+
+def check(workdir: str, resolved: dict, allow: str = "") -> None:
+  """Raises ConfigError if `resolved` differs from WORKDIR/config.json in a
+  key that may not change (see module docstring)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return  # a run from before config.json was written: nothing to check
+  with open(path, encoding="utf-8") as f:
+    saved = json.load(f)
+  extra = tuple(k.strip() for k in allow.split(",") if k.strip())
+  diff = changes(saved, as_json(resolved), extra)
+  if diff:
+    lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in diff)
+    keys = ",".join(k for k, _, _ in diff)
+    raise ConfigError(
+      f"{workdir} is resumed with a different config ({path}):\n{lines}\n"
+      "A resume must continue the same run. Use a new --workdir, or accept "
+      f"the change with --config.allow_config_change={keys}"
+    )
