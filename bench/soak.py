@@ -114,11 +114,16 @@ def interrupt(cmd, workdir: str, kind: str, at_step: int) -> str:
     stderr=subprocess.PIPE,
     text=True,
   )
+  started = time.time()
+  rows = os.path.join(workdir, "metrics.jsonl")
   try:
     deadline = time.time() + 600
     while proc.poll() is None and time.time() < deadline:
-      if logged_step(workdir) >= at_step and (
-        kind != "kill9_saving" or _saving(workdir)
+      fresh = os.path.exists(rows) and os.path.getmtime(rows) > started
+      if (
+        fresh
+        and logged_step(workdir) >= at_step
+        and (kind != "kill9_saving" or _saving(workdir))
       ):
         break
       time.sleep(0.002 if kind == "kill9_saving" else 0.01)

@@ -146,6 +146,9 @@ def maybe_init_distributed() -> bool:
 
 def main(argv):
   del argv
+  from jft import preempt
+
+  preempt.catch_early()  # a SIGTERM while starting up stops at step one
   if not flags.FLAGS["verbosity"].present:  # orbax logs a lot at INFO
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value

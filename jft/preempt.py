@@ -21,6 +21,28 @@ import threading
 
 import jax
 
+_EARLY: list[str] = []  # signals that arrived before training started
+
+
+def _remember(signum, frame) -> None:
+  if not _EARLY:
+    print(
+      f"{signal.Signals(signum).name}: will save and exit after the first "
+      "training step",
+      flush=True,
+    )
+  _EARLY.append(signal.Signals(signum).name)
+
+
+def catch_early() -> None:
+  """From startup on, SIGTERM/SIGINT are remembered instead of fatal, so a
+  job preempted while it loads still exits through a save (and exit 75).
+  With several processes JAX's preemption service takes SIGTERM over once
+  the distributed runtime starts."""
+  if threading.current_thread() is threading.main_thread():
+    for sig in Preemption.SIGNALS:
+      signal.signal(sig, _remember)
+
 
 def _multi_process() -> bool:
   return jax.process_count() > 1
@@ -43,6 +65,10 @@ class Preemption:
     wanted = (signal.SIGINT,) if _multi_process() else self.SIGNALS
     for sig in wanted:
       self._old[sig] = signal.signal(sig, self._handle)
+    if _EARLY:
+      self.signame = _EARLY[0]
+      if _multi_process():
+        os.kill(os.getpid(), signal.SIGTERM)
     return self
 
   def __exit__(self, *exc) -> None:

@@ -6,7 +6,9 @@ often to log, evaluate and checkpoint. Anything else (a learning rate, a
 seed, the batch size, the objective, a model shape) would silently make a
 different run out of two halves, so it is an error naming each key with its
 old and new value, unless `config.allow_config_change` lists it. Shape
-changes are caught here, before any restore.
+changes are caught here, before any restore, and so is another process
+count (`runtime.process_count`): each process's data position is saved, so
+a different count would silently read other rows.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import numpy as np
 from absl import logging
 
 from jft import (
+  artefacts,
   checkpoint,
   errors,
   evaluators,
@@ -34,8 +35,6 @@ from jft import (
   steps,
 )
 from jft.data import feed, sources
-from jft.interop import hf
-from jft.interop import peft as peft_format
 from jft.models import transformer
 from jft.peft import lora
 from jft.state import TrainState, flat_paths, model_params, split_params
@@ -120,6 +119,9 @@ def _write_config(config, workdir, model_cfg, resuming: bool) -> None:
     "preset": config.model.preset,
     **transformer.config_to_dict(model_cfg),
   }
+  # Not config keys, but a resume must match them too: each process's data
+  # position is saved, so another process count would read other rows.
+  resolved["runtime"] = {"process_count": jax.process_count()}
   if resuming:
     resume.check(workdir, resolved, config.allow_config_change)
   if jax.process_index() == 0:
@@ -283,7 +285,9 @@ def _finite_guard(ckpt):
 
 
 def _run(config, workdir, stop_after, stop_signal, primary):
-  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+  ckpt = checkpoint.Checkpointer(
+    workdir, config.keep_checkpoints, async_save=not sharding.cpu_devices()
+  )
   try:
     return _train(config, workdir, stop_after, stop_signal, primary, ckpt)
   finally:
@@ -401,12 +405,15 @@ def _train(config, workdir, stop_after, stop_signal, primary, ckpt):
         )
       )
   tokens, t_last, s_last, pending = 0, time.time(), start, None
+  sync_each_step = sharding.cpu_devices()
   preempted = False
   try:
     for step in range(start, config.total_steps):
       local, source_metrics = train_iter.next(state)
       tokens += int(np.sum(local["weights"] > 0))
       state, m = train_step(state, sharding.global_batch(local, mesh))
+      if sync_each_step:
+        jax.block_until_ready(state)
       s = step + 1
       if pending is not None:  # one step behind: keeps dispatch async
         check_finite(*pending)
@@ -452,23 +459,10 @@ def _train(config, workdir, stop_after, stop_signal, primary, ckpt):
   if preempted:
     raise errors.Preempted(int(state.step), stop_signal.signame, workdir)
   if int(state.step) >= config.total_steps:
-    export(config, workdir, state, model_cfg, tokenizer, primary)
+    artefacts.export(config, workdir, state, model_cfg, tokenizer, primary)
   if primary and int(state.step) >= config.total_steps:
-    _write_summary(objective, workdir, writer.path)
+    artefacts.write_summary(objective, workdir, writer.path)
   return last
-
-
-def _write_summary(objective, workdir: str, metrics_path: str) -> None:
-  """WORKDIR/summary.md: the objective's before/after table, if any."""
-  if not (objective.summary_rows or objective.evaluators):
-    return
-  report = evaluators.summary_table(
-    objective.summary_rows, *metrics.first_and_last(metrics_path)
-  )
-  if report:
-    print(report)
-    with open(os.path.join(workdir, "summary.md"), "w") as f:
-      f.write(report + "\n")
 
 
 def _starting_lm(config, model_cfg, mesh, rules):
@@ -508,36 +502,3 @@ def _batch_runner(mesh):
     return outs
 
   return run
-
-
-def export(
-  config, workdir: str, state, model_cfg, tokenizer, primary: bool
-) -> None:
-  """End-of-run artefacts: LoRA adapters alone and/or the merged model.
-
-  Every process takes part in gathering sharded params; process 0 writes.
-  """
-  if not (
-    model_cfg.peft.lora_rank
-    and (config.lora.save_adapters or config.lora.save_merged)
-  ):
-    return
-  params = model_params(sharding.to_host(state.params))
-  if not primary:
-    return
-  if config.lora.save_adapters:
-    out = os.path.join(workdir, "adapters")
-    base = init.hf_dir(config.init) if init.kind(config.init) == "hf" else ""
-    peft_format.save_adapter(out, params, model_cfg, base_model=base)
-    print(f"adapters: {out}")
-  if config.lora.save_merged:
-    out = os.path.join(workdir, "merged")
-    hf.export_model(
-      out,
-      params,
-      model_cfg,
-      tokenizer=tokenizer,
-      source=os.path.join(workdir, init.SOURCE_DIR),
-      overwrite=True,
-    )
-    print(f"merged model: {out}")

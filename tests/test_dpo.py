@@ -4,16 +4,24 @@ import json
 import math
 import os
 
+import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from conftest import tiny_config
+from flax import traverse_util
 
-from jft import evaluators, init, train
+from jft import checkpoint, evaluators, init, optim, sharding, steps, train
+from jft.data import pipeline
 from jft.data.jsonl import DataError, Record
 from jft.data.tokenizer import Tokenizer
+from jft.models import transformer
 from jft.objectives import dpo
+from jft.peft.lora import LORA_LEAVES
+from jft.state import TrainState, split_params
 
 PC = np.array([-3.0, -10.0, -2.5, -7.0])
 PR = np.array([-4.0, -9.0, -2.5, -12.0])
@@ -199,8 +207,6 @@ def test_invalid_pairs_can_be_counted_skips(suite_dir, capsys):
 def test_objective_loss_matches_hand_computation(obj):
   """Policy and reference log-probs summed by hand from the model logits."""
   config, tok = obj.config, obj.tokenizer
-  from jft.data import pipeline
-  from jft.models import transformer
 
   records = pipeline.read_jsonl_files(config.data.eval_files)[:6]
   batch = pipeline.make_eval_batches(
@@ -291,24 +297,117 @@ def test_full_ft_reference_copy_equals_precomputed(suite_dir, tmp_path):
 
 @pytest.mark.parametrize("quant", ["", "nf4"])
 def test_lora_and_qlora_dpo_runs(suite_dir, tmp_path, quant):
-  """configs/dpo.py with LoRA / QLoRA by config keys (shrunk)."""
+  """configs/dpo.py with LoRA / QLoRA by config keys (shrunk): starts at the
+  reference (loss log 2), then the adapters alone train and the loss falls,
+  with no copy of the base as the reference."""
   config = tiny_config(
     suite_dir,
     config_file="configs/dpo.py",
-    total_steps=2,
+    total_steps=3,
     eval_every=0,
-    checkpoint_every=2,
+    checkpoint_every=3,
   )
   config.lora.rank = 4
   config.dpo.rpo_alpha = 0.0  # so the first loss is exactly log 2
+  # Two real updates before the last loss (the config's 5e-5 moves the
+  # loss by ~1e-5 in two steps; 1e-3 by ~3e-4).
+  config.optimizer.warmup_steps = 0
+  config.optimizer.lr = 1e-3
   if quant:
     config.quant.kind = quant
     config.quant.block_size = 16
-  train.run(config, str(tmp_path / "w"))
-  losses, _ = _losses(str(tmp_path / "w"))
+  workdir = str(tmp_path / "w")
+  train.run(config, workdir)
+  losses, rows = _losses(workdir)
+  assert len(losses) == 3 and all(np.isfinite(losses))
   # adapters start at B = 0: the policy is the reference, loss = log 2
-  assert losses[0] == pytest.approx(math.log(2), abs=1e-4)
-  assert all(np.isfinite(losses))
+  assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
+  assert rows[1]["train/rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+  # then DPO moves the policy away from its reference, the right way
+  assert max(losses[1:]) < math.log(2) - 5e-5, losses
+  assert rows[-1]["train/rewards/margins"] > 0
+  # the reference is the base with adapters off: no copy in the state
+  assert rows[0]["params/reference_bytes"] == 0
+  # only adapters moved: the (4-bit) base is bit-identical to its init
+  raw = ocp.PyTreeCheckpointer().restore(
+    os.path.join(checkpoint.checkpoint_dir(workdir), "3", "state")
+  )
+  flat = lambda t: traverse_util.flatten_dict(t, sep="/")
+  trainable, frozen = flat(raw["trainable"]), flat(raw["frozen"])
+  assert trainable and all(
+    k.rsplit("/", 1)[-1] in LORA_LEAVES for k in trainable
+  )
+  model_cfg = init.model_config(config, Tokenizer.load(config.data.tokenizer))
+  start = flat(
+    jax.device_get(
+      init.init_params(
+        config,
+        model_cfg,
+        sharding.make_mesh(config.mesh),
+        sharding.rules_from_config(config.mesh),
+      )
+    )
+  )
+  assert set(start) == set(trainable) | set(frozen)
+  for k, v in frozen.items():
+    np.testing.assert_array_equal(v, start[k], err_msg=k)
+  for k, v in trainable.items():  # every adapter (A and B) moved
+    assert not np.array_equal(v, start[k]), k
+
+
+def test_reference_copy_stays_fixed_while_the_policy_trains(obj):
+  """Full fine-tuning: `state.ref` (a frozen copy of the starting policy)
+  is bit-identical after several train steps while every trainable leaf
+  moved; with a moving reference the loss would stay at log 2."""
+  config, tok = obj.config, obj.tokenizer
+  assert obj.reference == "copy"
+  records = pipeline.read_jsonl_files(config.data.train_files)[:8]
+  batch = pipeline.make_eval_batches(
+    obj.make_examples(records),
+    seq_len=config.seq_len,
+    batch_size=8,
+    pad_id=tok.pad_id,
+    packing=False,
+  )[0]
+  model = transformer.Transformer(init.model_config(config, tok))
+  params = jax.jit(model.init)(
+    jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)
+  )["params"]
+  params = jax.tree.map(np.asarray, nn.unbox(params))
+  trainable, frozen = split_params(params, ((".*", "trainable"),))
+  opt_cfg = config.optimizer.copy_and_resolve_references()
+  opt_cfg.schedule, opt_cfg.warmup_steps, opt_cfg.lr = "constant", 0, 1e-3
+  opt, sched = optim.make_optimizer(opt_cfg, 10, trainable)
+  ref = obj.reference_params(params, trainable)
+  chex.assert_trees_all_equal(ref, params)  # a copy of the start
+  state = TrainState(
+    step=jnp.zeros((), jnp.int32),
+    trainable=trainable,
+    frozen=frozen,
+    opt_state=opt.init(trainable),
+    rng=jax.random.PRNGKey(1),
+    ref=ref,
+  )
+  step = jax.jit(
+    steps.make_train_step(
+      obj, train.make_apply_fn(model), opt, sched, grad_accum_steps=1
+    )
+  )
+  losses, margins = [], []
+  for _ in range(4):
+    state, m = step(state, batch)
+    losses.append(float(m["train/loss"]))
+    margins.append(float(m["train/rewards/margins"]))
+  chex.assert_trees_all_equal(state.ref, params)
+  changed = jax.tree.map(
+    lambda a, b: not np.array_equal(a, b), state.trainable, trainable
+  )
+  assert all(jax.tree.leaves(changed)), changed
+  assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
+  assert margins[0] == pytest.approx(0.0, abs=1e-6)
+  # the same pairs each step: the loss falls and the margin grows
+  assert losses[-1] < losses[1] < math.log(2) - 1e-3, losses
+  assert margins[-1] > margins[1] > 0, margins
 
 
 def test_first_divergence_mask_weights_the_error_token_only():

@@ -825,7 +825,7 @@ def test_loader_errors(tmp_path, dirs):
     open(os.path.join(dirs["qwen"], "tokenizer.json"), "rb").read()
   )
   (bad / "tokenizer_config.json").write_text("{not json")
-  with pytest.raises(ValueError, match="tokenizer_config.json is not valid"):
+  with pytest.raises(ValueError, match="tokenizer_config.json: invalid JSON"):
     load_tokenizer_dir(bad)
   with pytest.raises(FileNotFoundError, match="nope.json"):
     load_tokenizer_file(tmp_path / "nope.json")

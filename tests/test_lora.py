@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -37,8 +38,9 @@ TOKENS = jax.random.randint(jax.random.PRNGKey(9), (2, 12), 0, 64)
 
 
 def _init(cfg, seed=0):
-  model = transformer.Transformer(cfg)
-  return model, nn.unbox(model.init(jax.random.PRNGKey(seed), TOKENS)["params"])
+  model = transformer.Transformer(cfg)  # jitted: eager init is ~3x slower
+  params = jax.jit(model.init)(jax.random.PRNGKey(seed), TOKENS)["params"]
+  return model, nn.unbox(params)
 
 
 def _with_quant(kind, block_size):
@@ -203,11 +205,17 @@ def _restore_raw(workdir):
   return ocp.PyTreeCheckpointer().restore(path)
 
 
-@pytest.mark.parametrize("kind", ["", "nf4"])
-def test_adapter_run_trains_only_adapters(suite_dir, tmp_path, kind):
+@pytest.mark.parametrize(
+  "kind, scan", [("", True), ("nf4", True), ("", False)], ids=str
+)
+def test_adapter_run_trains_only_adapters(suite_dir, tmp_path, kind, scan):
+  """Also with `model.scan_layers=False` (per-layer `layers_i` leaves; its
+  init differs from the scanned one, so no loss is compared with it: see
+  test_unscanned_lora_is_the_scanned_model_restacked)."""
   config = tiny_config(
     suite_dir, objective="sft", total_steps=3, eval_every=0, checkpoint_every=3
   )
+  config.model.scan_layers = scan
   config.lora.rank = 4
   config.lora.save_merged = kind == ""
   if kind:
@@ -245,11 +253,18 @@ def test_adapter_run_trains_only_adapters(suite_dir, tmp_path, kind):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     first = json.loads(f.readline())
   assert first["params/frozen_bytes"] == sum(v.nbytes for v in frozen.values())
+  assert any(k.startswith("layers_1/") for k in frozen) == (not scan)
   # PEFT-format adapters: names and [r, in] / [out, r] layouts.
   ad = load_file(os.path.join(workdir, "adapters", "adapter_model.safetensors"))
   a = ad["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"]
   b = ad["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"]
   assert a.shape == (4, 32) and b.shape == (32, 4)
+  # every adapted Linear of every layer, A and B: 2 layers x 7 x 2
+  assert len(ad) == 28 and {k.split(".")[4] for k in ad} == {"0", "1"}
+  assert any(np.abs(v).max() > 0 for k, v in ad.items() if "lora_B" in k)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    losses = [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
+  assert len(losses) == 3 and np.isfinite(losses).all()
   with open(os.path.join(workdir, "adapters", "adapter_config.json")) as f:
     assert json.load(f)["r"] == 4
   if not kind:
@@ -260,3 +275,113 @@ def test_quant_block_that_does_not_divide_names_the_kernel():
   cfg = _with_quant("nf4", block_size=64)  # d_model is 32
   with pytest.raises(ValueError, match=r"layers/attn/q/kernel.*block_size"):
     _init(cfg)
+
+
+def _unstack(params, n_layers):
+  """Scanned `layers/...` [L, ...] leaves as per-layer `layers_i/...`."""
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(n_layers):
+    out[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], params["layers"])
+  return out
+
+
+def test_unscanned_lora_is_the_scanned_model_restacked():
+  """LoRA with scan_layers=False: per-layer leaves of the same shapes; with
+  the scanned params unstacked, the same logits and the same adapter
+  gradients (so the same step-1 loss and update; the two layouts only
+  initialise differently)."""
+  unscanned = dataclasses.replace(LORA, scan_layers=False)
+  model_s, ps = _init(LORA)
+  model_u = transformer.Transformer(unscanned)
+  pu = jax.eval_shape(model_u.init, jax.random.PRNGKey(0), TOKENS)["params"]
+  ps = _with_random_b(ps)
+  moved = _unstack(ps, LORA.n_layers)
+  shapes = lambda t: {k: v.shape for k, v in _flat(t).items()}
+  assert shapes(moved) == shapes(nn.unbox(pu))
+  assert "layers_1/attn/q/lora_b" in _flat(nn.unbox(pu))
+
+  def loss(model):
+    def f(p):
+      logits = model.apply({"params": p}, TOKENS)  # [B, T, V]
+      return jax.nn.log_softmax(logits)[..., 0].mean()
+
+    return jax.jit(jax.value_and_grad(f))
+
+  (ls, gs), (lu, gu) = loss(model_s)(ps), loss(model_u)(moved)
+  np.testing.assert_allclose(lu, ls, rtol=1e-6)
+  chex.assert_trees_all_close(gu, _unstack(gs, LORA.n_layers), atol=1e-6)
+  assert np.abs(_flat(gu)["layers_1/attn/q/lora_b"]).max() > 1e-4
+
+
+class LoraDropoutTest(chex.TestCase):
+  """Dropout on the LoRA branch's input, in training only (PEFT's)."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_dropout_masks_the_lora_input_only(self):
+    from jft.models.layers import Linear
+
+    n, rate = 8, 0.25
+    opts = PeftOptions(
+      lora_rank=n, lora_alpha=float(n), lora_dropout=rate, lora_targets=""
+    )  # scale 1; a root module has path ""
+    make = lambda peft, det: Linear(
+      n, ("embed", "mlp"), peft=peft, deterministic=det
+    )
+    x = jax.random.normal(jax.random.PRNGKey(0), (64, n))
+    p = nn.unbox(make(opts, True).init(jax.random.PRNGKey(1), x)["params"])
+    # A = I, B = 1.5 I: the LoRA branch is 1.5 * dropout(x), read off exactly
+    p["lora_a"], p["lora_b"] = jnp.eye(n), 1.5 * jnp.eye(n)
+
+    def fwd(peft, det):
+      layer = make(peft, det)
+      return self.variant(
+        lambda p, k: layer.apply({"params": p}, x, rngs={"dropout": k})
+      )
+
+    training, evaluate = fwd(opts, False), fwd(opts, True)
+    plain = fwd(dataclasses.replace(opts, lora_dropout=0.0), True)
+    k1, k2 = jax.random.PRNGKey(2), jax.random.PRNGKey(3)
+    base = np.asarray(x @ p["kernel"])
+    # Not training: no dropout at all, whatever the key.
+    np.testing.assert_allclose(evaluate(p, k1), plain(p, k1), rtol=1e-6)
+    np.testing.assert_allclose(evaluate(p, k1), base + 1.5 * x, rtol=1e-5)
+    # Training: dropout(x) = x / (1 - rate) kept, else 0; base path intact.
+    drops = []
+    for k in (k1, k2):
+      xd = (np.asarray(training(p, k)) - base) / 1.5
+      kept = np.isclose(xd, x / (1 - rate), rtol=1e-4, atol=1e-5)
+      dropped = np.abs(xd) < 1e-5
+      assert (kept | dropped).all()
+      drops.append(dropped)
+      assert abs(dropped.mean() - rate) < 4 * np.sqrt(
+        rate * (1 - rate) / x.size
+      )
+    assert not np.array_equal(*drops)  # a different key, a different mask
+    # B = 0: training output is exactly the base layer's (x not dropped).
+    p0 = dict(p, lora_b=jnp.zeros_like(p["lora_b"]))
+    np.testing.assert_allclose(training(p0, k1), base, rtol=1e-6)
+
+  def test_model_train_flag_and_rng_reach_the_adapters(self):
+    """Through `train.make_apply_fn`: train=True with different rngs gives
+    different logits; train=False is the no-dropout model."""
+    cfg = dataclasses.replace(
+      LORA, peft=dataclasses.replace(LORA.peft, lora_dropout=0.3)
+    )
+    no_drop = jax.jit(train.make_apply_fn(transformer.Transformer(LORA)))
+    apply_fn = train.make_apply_fn(transformer.Transformer(cfg))
+    params = _with_random_b(_init(cfg)[1])
+    fwd = jax.jit(
+      lambda p, k, t: apply_fn(p, TOKENS, None, None, rng=k, train=t),
+      static_argnums=2,
+    )
+    k1, k2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+    want = no_drop(params, TOKENS, None, None)
+    np.testing.assert_allclose(fwd(params, k1, False), want, atol=1e-6)
+    a, b = fwd(params, k1, True), fwd(params, k2, True)
+    assert np.abs(a - b).max() > 1e-3 and np.abs(a - want).max() > 1e-3
+    np.testing.assert_array_equal(a, fwd(params, k1, True))
+    # with B = 0 dropout has nothing to act on: the base model's logits
+    zero = lora.zero_adapters(params)
+    np.testing.assert_allclose(
+      fwd(zero, k1, True), no_drop(zero, TOKENS, None, None), atol=1e-6
+    )

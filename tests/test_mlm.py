@@ -4,6 +4,7 @@ import io
 import json
 import os
 import shutil
+import types
 
 import chex
 import jax
@@ -205,20 +206,87 @@ def test_bidirectional_in_mlm_mode_only(suite_dir, tok, model):
       assert earlier.min() > 1e-5
 
 
-def test_mask_is_pure_function_of_rng_and_step(suite_dir, tok):
-  obj = mlm.MLM(_config(suite_dir), tok)
-  batch = jax.tree.map(jnp.asarray, _packed_batch(rows=4))
-  state_rng = jax.random.PRNGKey(0)
+# pad, unk, bos, eos, [MASK] as in the test tokenizer; vocab as _packed_batch
+SPECIALS, MASK_ID, VOCAB = (0, 1, 2, 3, 4), 4, 300
 
-  corrupt = jax.jit(obj.corrupt)
 
-  def at(step, rng=state_rng):
-    return corrupt(batch, jax.random.fold_in(rng, step))
+def _stub_mlm(rates=(0.15, 0.8, 0.1)):
+  """An MLM objective over a stand-in tokenizer (no fixture: chex.TestCase)."""
+  tok = types.SimpleNamespace(
+    pad_id=0, unk_id=1, bos_id=2, eos_id=3, mask_id=4, vocab_size=VOCAB
+  )
+  rate, p_mask, p_rand = rates
+  c = ml_collections.ConfigDict(
+    dict(
+      mlm=dict(
+        mask_rate=rate, mask_token_rate=p_mask, random_token_rate=p_rand
+      ),
+      model=dict(causal=False),
+    )
+  )
+  return mlm.MLM(c, tok)
 
-  for x, y in zip(at(5), at(5), strict=True):
-    np.testing.assert_array_equal(x, y)
-  assert not np.array_equal(at(5)[1], at(6)[1])
-  assert not np.array_equal(at(5)[1], at(5, jax.random.PRNGKey(1))[1])
+
+class CorruptTest(chex.TestCase):
+  """`MLM.corrupt` (what the loss applies) against hand-derived rates."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_one_key_masks_at_the_rates_and_only_eligible_tokens(self):
+    obj = _stub_mlm()
+    batch = jax.tree.map(jnp.asarray, _packed_batch(rows=128, t=128, seed=11))
+    tokens = np.asarray(batch["targets"])
+    eligible = (np.asarray(batch["segment_ids"]) > 0) & ~np.isin(
+      tokens, SPECIALS
+    )
+    corrupt = self.variant(obj.corrupt)
+    inputs, sel = corrupt(batch, jax.random.fold_in(jax.random.PRNGKey(0), 5))
+    chex.assert_shape([inputs, sel], tokens.shape)
+    assert sel.dtype == jnp.bool_ and inputs.dtype == tokens.dtype
+    inputs, sel = np.asarray(inputs), np.asarray(sel)
+    # Specials and padding never chosen; nothing unchosen is changed.
+    assert not sel[~eligible].any()
+    np.testing.assert_array_equal(inputs[~sel], tokens[~sel])
+    # One draw over ~12k eligible tokens: binomial tolerance (4 sigma).
+    n = eligible.sum()
+    assert n > 10_000, n
+    frac = sel[eligible].mean()
+    assert abs(frac - 0.15) < 4 * np.sqrt(0.15 * 0.85 / n), frac
+    # Among the ~1.8k chosen: 80% [MASK], 10% random, 10% unchanged.
+    m = sel.sum()
+    chosen_in, chosen_tok = inputs[sel], tokens[sel]
+    is_mask = chosen_in == MASK_ID
+    is_rand = ~is_mask & (chosen_in != chosen_tok)
+    kept = chosen_in == chosen_tok
+    n_random = VOCAB - len(SPECIALS)  # a random draw may hit the token itself
+    for got, p in (
+      (is_mask.mean(), 0.8),
+      (is_rand.mean(), 0.1 * (1 - 1 / n_random)),
+      (kept.mean(), 0.1 + 0.1 / n_random),
+    ):
+      assert abs(got - p) < 4 * np.sqrt(p * (1 - p) / m), (got, p)
+    # Random replacements are ordinary tokens of the vocabulary.
+    rand = chosen_in[is_rand]
+    assert not np.isin(rand, SPECIALS).any() and rand.max() < VOCAB
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_masks_are_a_function_of_the_key_only(self):
+    obj = _stub_mlm()
+    batch = jax.tree.map(jnp.asarray, _packed_batch(rows=32, t=64, seed=2))
+    corrupt = self.variant(obj.corrupt)
+    key = jax.random.PRNGKey(0)
+
+    def at(step, rng=key):  # as the train step derives it
+      return jax.device_get(corrupt(batch, jax.random.fold_in(rng, step)))
+
+    base = at(5)
+    chex.assert_trees_all_equal(at(5), base)  # same key: same masks
+    n_sel = base[1].sum()
+    for other in (at(6), at(5, jax.random.PRNGKey(1))):
+      assert other[1].sum() > 0 and not np.array_equal(other[1], base[1])
+      # Independent draws: P(chosen by both | chosen once) ~ mask_rate, not
+      # ~1 (a key that ignores the step) nor ~0.
+      both = (other[1] & base[1]).sum() / n_sel
+      assert 0.02 < both < 0.4, both
 
 
 def _rows(workdir):
@@ -226,38 +294,115 @@ def _rows(workdir):
     return [json.loads(line) for line in f]
 
 
-def test_resumed_run_reproduces_masks(suite_dir, tmp_path, capsys):
-  """Resuming from step 2 of 4 retraces the uninterrupted run exactly.
+def _record_train_masks(monkeypatch):
+  """Patches `MLM.corrupt` to report each traced call's (inputs, selected)
+  to the host: one entry per train step, in order (steps run in sequence)."""
+  seen, corrupt = [], mlm.MLM.corrupt
+
+  def spy(self, batch, rng):
+    inputs, selected = corrupt(self, batch, rng)
+    jax.debug.callback(
+      lambda i, s: seen.append((np.asarray(i), np.asarray(s))),
+      inputs,
+      selected,
+    )
+    return inputs, selected
+
+  monkeypatch.setattr(mlm.MLM, "corrupt", spy)
+  return seen
+
+
+def test_resumed_run_reproduces_masks(suite_dir, tmp_path, capsys, monkeypatch):
+  """Resuming from step 2 of 4 retraces the uninterrupted run exactly: the
+  same masked rows at each step, and one metrics row per step.
 
   The uninterrupted run's workdir, less its final checkpoint, is resumed:
   two runs instead of three, as masks come from (state.rng, state.step).
   """
   config = _config(suite_dir, total_steps=4, checkpoint_every=2, eval_every=0)
   whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
+  masks = _record_train_masks(monkeypatch)
   train.run(config, whole)
+  jax.effects_barrier()
+  whole_masks = list(masks)
+  masks.clear()
   shutil.copytree(whole, resumed)
   shutil.rmtree(os.path.join(checkpoint.checkpoint_dir(resumed), "4"))
   capsys.readouterr()
   train.run(config, resumed)
+  jax.effects_barrier()
   assert "from checkpoint at step 2" in capsys.readouterr().out
+  # Per step (3 and 4 after the resume): the same corrupted rows and masks.
+  assert len(whole_masks) == 4 and len(masks) == 2
+  for step, (got, want) in enumerate(
+    zip(masks, whole_masks[2:], strict=True), start=3
+  ):
+    chex.assert_shape(got[1], (config.batch_size, config.seq_len))
+    assert got[1].sum() > 0, step
+    np.testing.assert_array_equal(got[1], want[1], err_msg=f"mask @{step}")
+    np.testing.assert_array_equal(got[0], want[0], err_msg=f"inputs @{step}")
+  # Exactly one metrics row per step (the resume truncates, then appends),
+  # and per step the same metrics, which depend on the masks.
   a, b = _rows(whole), _rows(resumed)
   keys = ("train/loss", "train/masked_accuracy", "train/grad_norm")
+  for rows in (a, b):
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
   for key in keys:
-    va = {r["step"]: r[key] for r in a if key in r}
-    vb = {r["step"]: r[key] for r in b if key in r}
-    assert sorted(va) == sorted(vb) == [1, 2, 3, 4], key
-    for s in va:
-      np.testing.assert_allclose(va[s], vb[s], rtol=1e-6, err_msg=f"{key}@{s}")
+    va = [r[key] for r in a if key in r]
+    vb = [r[key] for r in b if key in r]
+    assert len(va) == len(vb) == 4, key
+    np.testing.assert_allclose(va, vb, rtol=1e-6, err_msg=key)
+  # And the final weights agree.
+  mesh = train.sharding.make_mesh(config.mesh)
+  chex.assert_trees_all_close(
+    checkpoint.load_params(resumed, mesh),
+    checkpoint.load_params(whole, mesh),
+    rtol=1e-6,
+    atol=1e-7,
+  )
 
 
-def test_eval_step_is_deterministic_and_logs_masked_accuracy(
+def test_eval_step_masks_are_fixed_and_differ_between_rows(
   suite_dir, tok, model
 ):
+  """Eval masks with a fixed key: the same masks at every call (and with or
+  without jit), different masks for identical rows, and the loss is the CE
+  of exactly the masked positions (hand-computed in numpy)."""
   obj = mlm.MLM(_config(suite_dir), tok)
   apply_fn, params = model
-  batch = _packed_batch(rows=4, t=32, seed=5)
-  eval_step = jax.jit(steps.make_eval_step(obj, apply_fn))
+  one = _packed_batch(rows=1, t=64, seed=5)
+  batch = {k: np.repeat(v, 4, axis=0) for k, v in one.items()}  # same rows
+  seen, corrupt = [], obj.corrupt
+
+  def spy(b, rng):  # called eagerly below: the values are concrete
+    out = corrupt(b, rng)
+    seen.append(jax.device_get(out))
+    return out
+
+  obj.corrupt = spy
+  eval_step = steps.make_eval_step(obj, apply_fn)  # not jitted: spy sees all
   a, b = (eval_step(params, None, batch) for _ in range(2))
   assert set(a) == {"loss", "masked_accuracy"}
+  (in_a, sel_a), (in_b, sel_b) = seen
+  np.testing.assert_array_equal(sel_a, sel_b)  # fixed across calls
+  np.testing.assert_array_equal(in_a, in_b)
   chex.assert_trees_all_equal(a, b)
-  assert a["loss"][1] == a["masked_accuracy"][1] > 0
+  # Identical rows, different masks: the key is not reused per row.
+  assert len({r.tobytes() for r in sel_a}) == 4
+  assert sel_a.any(-1).all() and not sel_a[batch["weights"] == 0].any()
+  # Loss sums and weights over the selected positions only.
+  logits = np.asarray(
+    apply_fn(params, in_a, batch["positions"], batch["segment_ids"]),
+    np.float64,
+  )  # [B, T, V]
+  logp = logits - logits.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+  np.testing.assert_allclose(a["loss"][0], nll[sel_a].sum(), rtol=1e-5)
+  assert float(a["loss"][1]) == float(a["masked_accuracy"][1]) == sel_a.sum()
+  correct = (logits.argmax(-1) == batch["targets"])[sel_a].sum()
+  np.testing.assert_allclose(a["masked_accuracy"][0], correct)
+  # The jitted step (as the trainer runs it) gives the same numbers.
+  obj.corrupt = corrupt
+  c = jax.jit(steps.make_eval_step(obj, apply_fn))(params, None, batch)
+  chex.assert_trees_all_close(c, a, rtol=1e-5)

@@ -60,13 +60,25 @@ local, tpu_pod, slurm = _load("local"), _load("tpu_pod"), _load("slurm")
 # ------------------------------------------------------------ launchers
 
 
-def test_local_launcher_prefixes_output_and_returns_first_failure():
+def test_local_launcher_prefixes_output_and_returns_first_failure(tmp_path):
   py = sys.executable
   out = io.StringIO()
+  mark = tmp_path / "p1_started"  # p0 fails only once p1 has printed
   code = local.run(
     [
-      [py, "-c", "import sys; print('bye'); sys.exit(3)"],
-      [py, "-c", "import time; print('hi', flush=True); time.sleep(120)"],
+      [
+        py,
+        "-c",
+        "import os, sys, time\n"
+        f"while not os.path.exists({str(mark)!r}): time.sleep(0.05)\n"
+        "print('bye'); sys.exit(3)",
+      ],
+      [
+        py,
+        "-c",
+        "import time; print('hi', flush=True); "
+        f"open({str(mark)!r}, 'w').close(); time.sleep(120)",
+      ],
     ],
     dict(os.environ),
     timeout=60,
@@ -464,3 +476,18 @@ def test_sigterm_to_the_launcher_saves_one_agreed_step_and_exits_75(
   # Each process says where it stopped: the same step.
   said = [ln for ln in out.splitlines() if "saved a checkpoint at step" in ln]
   assert len(said) == 2 and all(f"at step {step} " in ln for ln in said), out
+
+
+def test_resume_with_another_process_count_is_a_named_error(runs):
+  # Each process's data position is saved: one process resuming a
+  # two-process run would read other rows, so the resume check refuses it.
+  from jft import errors, resume
+
+  mp_dir = runs[0]
+  with open(os.path.join(mp_dir, "config.json")) as f:
+    saved = json.load(f)
+  assert saved["runtime"] == {"process_count": 2}
+  now = dict(saved, runtime={"process_count": 1})
+  with pytest.raises(errors.ConfigError, match="runtime.process_count: 2 -> 1"):
+    resume.check(mp_dir, now)
+  resume.check(mp_dir, saved)  # the same count resumes

@@ -1,5 +1,7 @@
 """SFT: loss masks, chat templates, truncation policy, packing, generation."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 from conftest import tiny_config
 
 from jft import evaluators, generate, init, train
-from jft.data import pipeline
+from jft.data import pipeline, tasks
 from jft.data.jsonl import DataError, Record
 from jft.data.tokenizer import Tokenizer
 from jft.models import transformer
@@ -183,13 +185,57 @@ def test_greedy_generation_matches_naive_loop(setup):
     assert all(t == tok.pad_id for t in out[len(expect) :])
 
 
-def test_sft_run_logs_task_accuracy(suite_dir, tmp_path):
+def test_sft_run_logs_task_accuracy(suite_dir, tmp_path, monkeypatch):
+  """eval/task_accuracy (and per task) at step 0 and after training is the
+  fraction of the run's greedy answers to the first max_eval_generations
+  held-out prompts that are right, scored here independently. Every third
+  answer is swapped for the true one, so the value is not trivially 0."""
   config = tiny_config(suite_dir, objective="sft", total_steps=2, eval_every=2)
   config.sft.max_eval_generations = 16
   config.sft.max_new_tokens = 6
-  last = train.run(config, str(tmp_path / "w"))
-  assert 0.0 <= last["eval/task_accuracy"] <= 1.0
-  assert np.isfinite(last["eval/loss"])
+  real, calls = generate.make_text_decoder, []
+
+  def make_decoder(apply_fn, tok, **kw):
+    assert kw["max_new"] == 6
+    answer = real(apply_fn, tok, **kw)
+
+    def decode(params, prompts, key=None):
+      texts = answer(params, prompts, key)  # the model's own generations
+      assert len(texts) == len(prompts) and all(
+        isinstance(t, str) for t in texts
+      )
+      texts = [
+        " " + tasks.answer(p.split(":")[0], p) if i % 3 == 0 else t
+        for i, (p, t) in enumerate(zip(prompts, texts, strict=True))
+      ]
+      calls.append((list(prompts), texts))
+      return texts
+
+    return decode
+
+  monkeypatch.setattr(generate, "make_text_decoder", make_decoder)
+  train.run(config, str(tmp_path / "w"))
+  with open(tmp_path / "w" / "metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  evals = [r for r in rows if "eval/task_accuracy" in r]
+  assert [r["step"] for r in evals] == [0, 2] and len(calls) == 2
+  held_out = pipeline.read_jsonl_files(config.data.eval_files)
+  held_out = [r for r in held_out if r.get("task")][:16]
+  for row, (prompts, texts) in zip(evals, calls, strict=True):
+    assert prompts == [r["prompt"] for r in held_out]
+    right: dict[str, list[bool]] = {}
+    for r, text in zip(held_out, texts, strict=True):
+      truth = r["completion"].strip()  # the suite's stored answer
+      right.setdefault(r["task"], []).append(text.strip() == truth)
+    every = sum(right.values(), [])
+    assert 6 <= sum(every) < 16  # the swapped-in answers, and wrong ones
+    assert row["eval/task_accuracy"] == pytest.approx(np.mean(every))
+    for task, ok in right.items():
+      assert row[f"eval/task_accuracy/{task}"] == pytest.approx(np.mean(ok))
+    assert {k for k in row if k.startswith("eval/task_accuracy/")} == {
+      f"eval/task_accuracy/{t}" for t in right
+    }
+  assert np.isfinite(evals[-1]["eval/loss"])
 
 
 def test_task_accuracy_overall_and_per_task(setup, monkeypatch):

@@ -40,7 +40,9 @@ def test_grad_accumulation_equals_one_big_batch(suite_dir):
   tok = Tokenizer.load(config.data.tokenizer)
   model_cfg = init.model_config(config, tok)
   model = transformer.Transformer(model_cfg)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+  params = jax.jit(model.init)(  # jitted: eager init is several times slower
+    jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)
+  )
   trainable, frozen = split_params(
     jax.tree.map(lambda x: x, __import__("flax").linen.unbox(params["params"])),
     train.freeze_table(config, model_cfg),
@@ -77,7 +79,7 @@ def test_grad_accumulation_equals_one_big_batch(suite_dir):
   )
   chex.assert_trees_all_close(s1.trainable, s2.trainable, atol=1e-6)
   # And the loss is the token-weighted mean, by hand from the logits.
-  logits = apply_fn(
+  logits = jax.jit(apply_fn)(
     state.params, batch["inputs"], batch["positions"], batch["segment_ids"]
   )
   logp = jax.nn.log_softmax(np.asarray(logits, np.float64), -1)
@@ -95,12 +97,36 @@ def test_split_microbatches_is_strided():
     steps.split_microbatches({"x": x}, 3)
 
 
-def test_stop_and_resume_equals_uninterrupted(suite_dir, tmp_path, capsys):
-  config = tiny_config(suite_dir, total_steps=6, checkpoint_every=2)
-  whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
-  train.run(config, whole)
+@pytest.fixture(scope="module")
+def whole_run(suite_dir, tmp_path_factory):
+  """(config, workdir) of one uninterrupted tiny CLM run: 6 steps, saves at
+  2, 4 and 6 keeping the newest 2. Other runs compare with it step by step."""
+  config = tiny_config(
+    suite_dir, total_steps=6, checkpoint_every=2, keep_checkpoints=2
+  )
+  workdir = str(tmp_path_factory.mktemp("whole"))
+  train.run(config, workdir)
+  return config, workdir
+
+
+def _step_dirs(workdir):
+  d = checkpoint.checkpoint_dir(workdir)
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+
+
+def _per_step(workdir, key):
+  """[value at step 1, 2, ...]: exactly one row per step."""
+  rows = [r for r in _metrics(workdir) if key in r]
+  assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)), key
+  return np.asarray([r[key] for r in rows])
+
+
+def test_stop_and_resume_equals_uninterrupted(whole_run, tmp_path, capsys):
+  config, whole = whole_run
+  parts = str(tmp_path / "parts")
   train.run(config, parts, stop_after=3)  # preempted after step 3
   assert checkpoint.Checkpointer(parts).latest_step() == 3
+  assert _step_dirs(parts) == [2, 3]
   capsys.readouterr()
   train.run(config, parts)
   assert "Resuming" in capsys.readouterr().out
@@ -113,6 +139,54 @@ def test_stop_and_resume_equals_uninterrupted(suite_dir, tmp_path, capsys):
   assert sum("params/trainable" in r for r in rows) == 1
   train.run(config, parts)
   assert "already finished" in capsys.readouterr().out
+
+
+def test_keep_checkpoints_keeps_the_newest(whole_run):
+  """keep_checkpoints=2 (the Checkpointer's own default is 3): of the
+  saves at steps 2, 4 and 6 only the step directories 4 and 6 remain."""
+  _, whole = whole_run
+  assert _step_dirs(whole) == [4, 6]
+  assert checkpoint.Checkpointer(whole).all_steps() == [4, 6]
+
+
+def test_grad_accumulation_through_run_matches_one_batch(whole_run, tmp_path):
+  """grad_accum_steps=2 through `train.run` (data, sharding, loop): the same
+  per-step loss, grad norm and lr as the one-batch run, every step."""
+  config, whole = whole_run
+  config = config.copy_and_resolve_references()
+  config.grad_accum_steps = 2
+  config.eval_every, config.checkpoint_every = 0, 6  # neither affects training
+  workdir = str(tmp_path / "accum")
+  train.run(config, workdir)
+  for key, rtol in (
+    ("train/loss", 1e-5),
+    ("train/grad_norm", 1e-4),
+    ("train/lr", 1e-6),
+  ):
+    got, want = _per_step(workdir, key), _per_step(whole, key)
+    assert len(got) == len(want) == 6, key
+    np.testing.assert_allclose(got, want, rtol=rtol, err_msg=key)
+
+
+def test_bfloat16_compute_trains_with_float32_params(whole_run, tmp_path):
+  """model.dtype=bfloat16, param_dtype=float32: finite losses that fall,
+  tracking (not equal to) the float32 run's; saved params stay float32."""
+  config, whole = whole_run
+  config = config.copy_and_resolve_references()
+  config.model.dtype, config.model.param_dtype = "bfloat16", "float32"
+  config.eval_every, config.checkpoint_every = 0, 6
+  workdir = str(tmp_path / "bf16")
+  train.run(config, workdir)
+  got, want = _per_step(workdir, "train/loss"), _per_step(whole, "train/loss")
+  assert len(got) == 6 and np.isfinite(got).all()
+  assert got[-1] < got[0] - 0.05, got
+  np.testing.assert_allclose(got, want, atol=0.01)  # observed: <= 1e-4
+  assert not np.array_equal(got, want)  # bf16 compute really happened
+  params = checkpoint.load_params(
+    workdir, train.sharding.make_mesh(config.mesh)
+  )
+  dtypes = {np.asarray(x).dtype for x in jax.tree.leaves(params)}
+  assert dtypes == {np.dtype(np.float32)}, dtypes
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
