@@ -29,6 +29,7 @@ setuptools.setup(
   extras_require={
     "test": [
       "pytest>=8",
+      "pytest-xdist>=3.5",  # two workers: the suite's wall time halves-ish
       "hypothesis>=6",  # property-based fuzzing of the data readers
       "ruff>=0.6",
       "nbformat>=5",

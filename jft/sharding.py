@@ -282,16 +282,3 @@ def sync(name: str) -> None:
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices(name)
-
-
-def cpu_devices() -> bool:
-  """True on XLA:CPU with several devices (fake ones, or several processes).
-
-  There every device's part of a computation runs on one small thread pool
-  and a collective holds its thread until all devices arrive, so two
-  multi-device computations in flight at once (the next train step, an
-  eval, a rollout, or an async checkpoint's copies from another thread)
-  can take every thread and deadlock. Callers then finish each step before
-  the next and save checkpoints synchronously.
-  """
-  return jax.default_backend() == "cpu" and jax.device_count() > 1

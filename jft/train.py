@@ -285,9 +285,7 @@ def _finite_guard(ckpt):
 
 
 def _run(config, workdir, stop_after, stop_signal, primary):
-  ckpt = checkpoint.Checkpointer(
-    workdir, config.keep_checkpoints, async_save=not sharding.cpu_devices()
-  )
+  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
   try:
     return _train(config, workdir, stop_after, stop_signal, primary, ckpt)
   finally:
@@ -405,15 +403,12 @@ def _train(config, workdir, stop_after, stop_signal, primary, ckpt):
         )
       )
   tokens, t_last, s_last, pending = 0, time.time(), start, None
-  sync_each_step = sharding.cpu_devices()
   preempted = False
   try:
     for step in range(start, config.total_steps):
       local, source_metrics = train_iter.next(state)
       tokens += int(np.sum(local["weights"] > 0))
       state, m = train_step(state, sharding.global_batch(local, mesh))
-      if sync_each_step:
-        jax.block_until_ready(state)
       s = step + 1
       if pending is not None:  # one step behind: keeps dispatch async
         check_finite(*pending)
