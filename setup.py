@@ -25,8 +25,12 @@ setuptools.setup(
     "ml-dtypes>=0.4",
     "tokenizers>=0.20",  # tokenizer.json (Hugging Face tokenizers)
     "jinja2>=3.1",  # chat templates
+    "matplotlib>=3.8",  # WORKDIR/curves.png, jft.plot, sweep plots
   ],
   extras_require={
+    # Weights & Biases logging (config.wandb.enabled); never imported
+    # otherwise.
+    "wandb": ["wandb>=0.17"],
     "test": [
       "pytest>=8",
       "pytest-xdist>=3.5",  # two workers: the suite's wall time halves-ish
@@ -41,6 +45,19 @@ setuptools.setup(
       "torch==2.13.0",
       "transformers>=4.45",
       "peft>=0.13",
+      "wandb>=0.17",  # the W&B writer, tested offline
+      "lm-eval>=0.4",  # jft.interop.lm_eval, on local task files
+    ],
+    # Standard benchmarks through EleutherAI's lm-evaluation-harness:
+    # python -m jft.interop.lm_eval --model jft --model_args source=RUN ...
+    "lm_eval": ["lm-eval>=0.4"],
+    # bench/compare.py: jft against transformers, PEFT and TRL side by
+    # side (written against TRL 1.16's DPOTrainer and DPOConfig).
+    "bench": [
+      "torch==2.13.0",
+      "transformers>=4.45",
+      "peft>=0.13",
+      "trl>=1.16",
     ],
   },
 )

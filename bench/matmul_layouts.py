@@ -9,7 +9,7 @@ so load from other processes hits every variant alike):
    (jax 0.10) a weight-grad dot (`lhs_contracting_dims={0}`) is left to
    XLA's own dot emitter instead of the library (YNNPACK) kernels, and a
    bf16 dot with a transposed lhs or a bf16 *output* is upcast to f32.
-2. The jft train step as is against the same step with a prototype `Linear`
+2. The plain jft train step against the same step with a prototype `Linear`
    (`CanonicalLinear`) whose matmul has a `custom_vjp`: every dot
    accumulates in f32 (`preferred_element_type`) and is cast to the dtype
    autodiff would give; the weight grad's `x.T` is materialised row-major
@@ -18,11 +18,17 @@ so load from other processes hits every variant alike):
    autodiff, only the summation order can differ: the run prints the
    gradients' difference (and, for bf16, both variants' error against the
    float32 model's gradients).
-3. `--profile`: per-op time of both steps from a jax.profiler trace,
-   grouped by model component via the HLO op_name metadata.
+   Since then the fix lives in jft (`jft/models/matmul.py`, and the fused
+   LM head + log-softmax of `jft/models/head_loss.py`); the step table
+   also shows jft's own step, and "jft before" is it with
+   `jft.models.matmul.autodiff_reference()` and `logits_chunk=0`.
+   bench/fastpath.py measures jft's levers one by one.
+3. `--profile`: per-op time of the step before and now from a
+   jax.profiler trace, grouped by model component via the HLO op_name
+   metadata.
 
-jft/ is not modified: the prototype swaps `jft.models.layers.Linear` for a
-subclass inside a context manager, in this process only.
+The prototype swaps `jft.models.layers.Linear` for a subclass inside a
+context manager, in this process only.
 
   python bench/matmul_layouts.py [--rounds 15] [--steps 10] [--skip_dots]
   python bench/matmul_layouts.py --profile
@@ -43,6 +49,7 @@ import numpy as np
 from jax import lax
 
 from jft.models import layers
+from jft.models import matmul as jft_matmul
 
 # ------------------------------------------------------------------------
 # The prototype.
@@ -181,13 +188,18 @@ def onehot_cross_entropy():
     base.token_cross_entropy = orig
 
 
+PLAIN = {"logits_chunk": 0}  # full [B, T, V] logits
+# name -> (patches, model overrides). jft itself now has the fix
+# (jft/models/matmul.py, jft/models/head_loss.py); `autodiff_reference`
+# gives back the plain autodiff step that this prototype was measured on.
 STEP_VARIANTS = {
-  "jft as is (autodiff)": (),
-  "CanonicalLinear (proto)": (canonical_linear,),
+  "autodiff (jft before)": ((jft_matmul.autodiff_reference,), PLAIN),
+  "CanonicalLinear (proto)": ((canonical_linear,), PLAIN),
   "CanonicalLinear + one-hot CE (proto)": (
-    canonical_linear,
-    onehot_cross_entropy,
+    (canonical_linear, onehot_cross_entropy),
+    PLAIN,
   ),
+  "jft (matmul.dense + fused head)": ((), {}),
 }
 
 
@@ -300,11 +312,11 @@ def _loss_fn(cfg, batch):
 def run_steps(dtype: str, steps: int, preset: str, b: int, t: int) -> None:
   tp = _load_throughput()
   variants, grads = {}, {}
-  for name, patches in STEP_VARIANTS.items():
+  for name, (patches, over) in STEP_VARIANTS.items():
     with contextlib.ExitStack() as stack:
       for patch in patches:  # models are traced (not only built) under it
         stack.enter_context(patch())
-      cfg, step_fn, state = tp.build(preset, dtype, "none")
+      cfg, step_fn, state = tp.build(preset, dtype, "none", overrides=over)
       rng = np.random.default_rng(0)
       data = jax.device_put(tp.random_batch(rng, b, t, cfg.vocab_size))
       # No donation: the same state is fed to every timed call.
@@ -363,6 +375,7 @@ def _component(op_name: str) -> str:
   for key, part in (
     ("lm_head", "lm_head"),
     ("log_softmax", "loss (CE)"),
+    ("_fused", "lm_head + CE (fused)"),
     ("layers/attn/", "attn"),
     ("layers/mlp/", "mlp"),
     ("norm", "norms"),
@@ -375,7 +388,7 @@ def _component(op_name: str) -> str:
   return f"{phase} other"
 
 
-def run_profile(dtype: str, preset: str, b: int, t: int, proto: bool):
+def run_profile(dtype: str, preset: str, b: int, t: int, before: bool):
   """Per-op time of the train step from a jax.profiler trace (CPU thunks),
   grouped by model component; names map to HLO op_name metadata."""
   import collections
@@ -386,9 +399,10 @@ def run_profile(dtype: str, preset: str, b: int, t: int, proto: bool):
   import tempfile
 
   tp = _load_throughput()
-  ctx = canonical_linear() if proto else contextlib.nullcontext()
+  ctx = jft_matmul.autodiff_reference() if before else contextlib.nullcontext()
   with ctx:
-    cfg, step_fn, state = tp.build(preset, dtype, "none")
+    over = PLAIN if before else {}
+    cfg, step_fn, state = tp.build(preset, dtype, "none", overrides=over)
     rng = np.random.default_rng(0)
     data = jax.device_put(tp.random_batch(rng, b, t, cfg.vocab_size))
     compiled = jax.jit(step_fn, donate_argnums=(0,)).lower(state, data)
@@ -424,7 +438,7 @@ def run_profile(dtype: str, preset: str, b: int, t: int, proto: bool):
   groups = collections.Counter()
   for name, ms in per_op.items():
     groups[_component(op_names[name])] += ms
-  label = "CanonicalLinear (proto)" if proto else "jft Linear (autodiff)"
+  label = "autodiff, full logits (before)" if before else "jft (fast paths)"
   print(
     f"== profile {label}, {preset} {dtype}: {wall * 1e3:.0f} ms/step"
     f" under the profiler; op times summed over threads = {total:.0f} ms"
@@ -457,8 +471,8 @@ def main(argv=None) -> None:
   args = p.parse_args(argv)
   if args.profile:
     for dtype in ("float32", "bfloat16"):
-      for proto in (False, True):
-        run_profile(dtype, args.preset, args.batch, args.seq, proto)
+      for before in (True, False):
+        run_profile(dtype, args.preset, args.batch, args.seq, before)
     return
   if not args.skip_dots:
     run_dots(args.rounds)

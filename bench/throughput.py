@@ -54,11 +54,19 @@ def random_batch(rng: np.random.Generator, b: int, t: int, vocab: int):
   }
 
 
-def build(preset: str, dtype: str, remat: str, total_steps: int = 1000):
-  """(model config, train step fn, initial TrainState) for the benchmark."""
+def build(
+  preset: str,
+  dtype: str,
+  remat: str,
+  total_steps: int = 1000,
+  overrides: dict | None = None,
+):
+  """(model config, train step fn, initial TrainState) for the benchmark.
+
+  `overrides`: more model config fields (e.g. `logits_chunk`)."""
   c = base_config.base_config()
   model_cfg = transformer.config_from_dict(
-    {"preset": preset, "dtype": dtype, "remat": remat}
+    {"preset": preset, "dtype": dtype, "remat": remat, **(overrides or {})}
   )
   model = transformer.Transformer(model_cfg)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
@@ -146,9 +154,14 @@ def run(
   warmup: int = 3,
   remat: str = "none",
   peak_reps: int = 10,
+  logits_chunk: int | None = None,
 ) -> dict[str, float]:
-  """Benchmarks one configuration; returns the figures as a flat dict."""
-  model_cfg, step_fn, state = build(preset, dtype, remat)
+  """Benchmarks one configuration; returns the figures as a flat dict.
+
+  `logits_chunk`: the model's fused-head chunk (None: its default; 0: full
+  [B, T, V] logits)."""
+  over = {} if logits_chunk is None else {"logits_chunk": logits_chunk}
+  model_cfg, step_fn, state = build(preset, dtype, remat, overrides=over)
   n_params = int(
     sum(x.size for x in jax.tree.leaves((state.trainable, state.frozen)))
   )
@@ -228,6 +241,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     choices=tuple(transformer.REMAT_POLICIES),
   )
   p.add_argument("--peak_reps", type=int, default=10)
+  p.add_argument(
+    "--logits_chunk",
+    type=int,
+    default=None,
+    help="model.logits_chunk (default: the model's; 0 = full logits)",
+  )
   p.add_argument("--json", default="", help="write the figures here")
   return p.parse_args(argv)
 
@@ -243,6 +262,7 @@ def main(argv=None) -> dict[str, float]:
     warmup=args.warmup,
     remat=args.remat,
     peak_reps=args.peak_reps,
+    logits_chunk=args.logits_chunk,
   )
   print(format_table(args, res))
   if args.json:

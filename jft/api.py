@@ -3,6 +3,7 @@
     model = jft.load("hf:/path/to/SmolLM2-135M")      # or a jft run dir
     model = jft.load("hf:BASE", adapter="ADAPTER_DIR")  # PEFT LoRA on top
     logits = model.logits(ids)                          # float32 [B, T, V]
+    logp = model.token_logprobs(ids)                    # float32 [B, T-1]
     new = model.generate(ids, max_new_tokens=32)        # int32 [B, 32]
     texts = model.generate_text(["Hello"], max_new_tokens=32, chat=True)
 
@@ -18,6 +19,7 @@ import functools
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jft import config as base_config
@@ -34,18 +36,47 @@ class Model:
     self.source, self._source_dir = source, source_dir
     self._apply = init_apply(model_cfg)
     self._forward = jax.jit(lambda p, ids: self._apply(p, ids, None, None))
+    self._logprobs = jax.jit(
+      lambda p, ids: next_token_logprobs(
+        transformer.logits_of(self._apply(p, ids, None, None)), ids
+      )
+    )
 
   def __repr__(self) -> str:
     return f"jft.Model({self.source!r}, {self.config.family})"
 
   def logits(self, input_ids) -> np.ndarray:
-    """float32 logits [B, T, V] of unpadded token ids [B, T]."""
+    """float32 logits [B, T, V] of unpadded token ids [B, T] (a reward
+    model's scores [B, T])."""
+    ids = self._check_ids(input_ids)
+    return np.asarray(jax.device_get(self._forward(self.params, ids)))
+
+  def _check_ids(self, input_ids) -> np.ndarray:
     ids = _as_ids(input_ids)
     if ids.size and not (0 <= ids.min() and ids.max() < self.config.vocab_size):
       raise ValueError(
         f"input_ids outside the vocabulary [0, {self.config.vocab_size})"
       )
-    return np.asarray(jax.device_get(self._forward(self.params, ids)))
+    return ids
+
+  def token_logprobs(self, input_ids) -> np.ndarray:
+    """float32 [B, T-1]: `out[b, t] = log p(ids[b, t+1] | ids[b, :t+1])`
+    for token ids [B, T], over the model's whole vocabulary (as the training
+    loss). Reduced on the device: the [B, T, V] logits stay there. Right
+    padding changes nothing before it (attention is causal)."""
+    ids = self._check_ids(input_ids)
+    if self.config.head == "score":
+      raise ValueError(f"{self!r} is a reward model: it has no LM head")
+    return np.asarray(jax.device_get(self._logprobs(self.params, ids)))
+
+  def scores(self, input_ids) -> np.ndarray:
+    """A reward model's (`head='score'`) float32 score at every position
+    [B, T]; a sequence's reward is the score at its last token."""
+    if self.config.head != "score":
+      raise ValueError(
+        f"{self!r} has head {self.config.head!r}, not a reward model's 'score'"
+      )
+    return self.logits(input_ids)
 
   @functools.cache  # noqa: B019 (a Model lives as long as its compiled fns)
   def _generator(self, max_new, eos_ids, sampling):
@@ -140,6 +171,12 @@ def init_apply(model_cfg):
   from jft.train import make_apply_fn
 
   return make_apply_fn(transformer.Transformer(model_cfg))
+
+
+def next_token_logprobs(logits, ids):
+  """log p(ids[:, t+1] | ids[:, :t+1]) [B, T-1] from logits [B, T, V]."""
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
+  return jnp.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]  # [B, T-1]
 
 
 def _as_ids(input_ids) -> np.ndarray:

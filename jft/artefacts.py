@@ -1,4 +1,5 @@
-"""End-of-run artefacts: PEFT adapters, the merged model, summary.md."""
+"""End-of-run artefacts: PEFT adapters, the merged model, summary.md,
+curves.png."""
 
 from __future__ import annotations
 
@@ -54,3 +55,29 @@ def write_summary(objective, workdir: str, metrics_path: str) -> None:
     print(report)
     with open(os.path.join(workdir, "summary.md"), "w") as f:
       f.write(report + "\n")
+
+
+CURVES = "curves.png"
+
+
+def write_curves(workdir: str, metrics_path: str) -> str | None:
+  """WORKDIR/curves.png: the run's train/eval curves (`jft.plot.curves`).
+
+  Returns its path, or None after printing one warning line: a plot that
+  fails (a broken matplotlib, an odd metrics file) never fails a run that
+  has finished training.
+  """
+  out = os.path.join(workdir, CURVES)
+  try:
+    # Imported inside the guard, so that not even a broken matplotlib
+    # install can stop a run from starting or from finishing.
+    from jft import plot
+
+    plot.curves(
+      [metrics_path], out, labels=[os.path.basename(os.path.abspath(workdir))]
+    )
+  except Exception as e:  # any failure is only a warning
+    reason = " ".join(f"{type(e).__name__}: {e}".split())
+    print(f"warning: {out} not written ({reason[:300]})")
+    return None
+  return out

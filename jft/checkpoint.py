@@ -283,6 +283,22 @@ def _quiet_absl():
     logger.setLevel(level)
 
 
+def latest_step(workdir: str) -> int | None:
+  """The newest saved step of the run in `workdir` (None: none), read
+  without opening it for writing (a stage cache may be read-only)."""
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    return None
+  with (
+    _quiet_absl(),
+    ocp.CheckpointManager(
+      directory,
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+    ) as mngr,
+  ):
+    return mngr.latest_step()
+
+
 def load_params(
   workdir: str,
   mesh,

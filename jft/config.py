@@ -64,6 +64,10 @@ def model_config(preset: str = "tiny") -> ml_collections.ConfigDict:
       param_dtype=ph(str),
       scan_layers=ph(bool),
       remat=ph(str),
+      # CLM/SFT/MLM losses run the LM head fused with the log-softmax,
+      # at most this many float32 logits (tokens x vocab) at once; 0 =
+      # full [B, T, V] logits. Same numbers; None = 2**26 (256 MiB).
+      logits_chunk=ph(int),
     )
   )
 
@@ -72,6 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.objective = "clm"
   c.seed = 0
+  # Optimizer steps; 0 = as many as data.num_epochs passes over the training
+  # rows take (rows per epoch / batch_size, rounded up: the last batch is
+  # padded, not dropped). With both set, the run stops at whichever comes
+  # first, and the learning-rate schedule spans that many steps.
   c.total_steps = 1000
   c.batch_size = 32  # global, in rows of seq_len tokens
   c.grad_accum_steps = 1  # micro-batches per step (batch_size divisible)
@@ -108,7 +116,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tokenizer = ""
   c.data.tokenizer_vocab_size = 512
   c.data.shuffle = True
-  c.data.num_epochs = config_dict.placeholder(int)  # None = repeat
+  # Passes over the training data; None = repeat until total_steps. Not for
+  # online RL (ppo, grpo: rollouts have no epochs).
+  c.data.num_epochs = config_dict.placeholder(int)
   c.data.packing = True
   c.data.builtin = ml_collections.ConfigDict(
     dict(tasks="add,copy,reverse,sort", n_train=8000, n_eval=200, seed=0)
@@ -238,6 +248,15 @@ def base_config() -> ml_collections.ConfigDict:
       vf_clip=0.2,  # value clip
       vf_coef=0.1,
       missing_eos_penalty=0.0,  # subtracted from the score without an eos
+      # Updates at the start in which only the critic learns (advantages
+      # zeroed): a critic that has not yet learnt the per-prompt baseline
+      # turns every low-scoring prompt into a push away from all sampled
+      # answers (OpenRLHF's freezing_actor_steps).
+      critic_warmup_steps=0,
+      # Samples per prompt; > 1 subtracts from each score the mean of its
+      # prompt's other samples (RLOO) before GAE: the critic then learns
+      # only what is left, not every prompt's level.
+      num_generations=1,
       # 'shared': value head on the policy trunk (model.head='lm+value');
       # 'reward_model': a separate critic from rl.reward_model (TRL's).
       critic="shared",
@@ -309,6 +328,21 @@ def base_config() -> ml_collections.ConfigDict:
         (r"lm_head/kernel", "quantize"),
         (r".*", "float"),
       ),
+    )
+  )
+
+  # Weights & Biases, beside metrics.jsonl and TensorBoard (jft/metrics.py):
+  # off unless enabled (then `pip install 'jft[wandb]'`); mode online |
+  # offline | disabled; name '' = the workdir's name; dir '' = the workdir.
+  c.wandb = ml_collections.ConfigDict(
+    dict(
+      enabled=False,
+      project="jft",
+      entity="",
+      name="",
+      group="",
+      mode="online",
+      dir="",
     )
   )
 

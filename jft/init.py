@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jft import checkpoint, sharding
+from jft import checkpoint, objectives, resume, sharding
 from jft.data import tokenizer as tokenizers
 from jft.data.tokenizer import train_tokenizer
 from jft.errors import ConfigError, UserError
@@ -193,22 +193,46 @@ def plan_stages(config):
   return order, visit(config)
 
 
-def resolve_stages(config, train_fn, *, announce=print):
+def stage_title(config) -> str:
+  """What a run of `config` is, in a few words: 'SFT', 'DPO with LoRA'."""
+  title = objectives.TITLES.get(config.objective, config.objective)
+  if config.quant.kind:
+    return f"{title} with QLoRA"
+  if config.lora.rank or config.init_adapter:
+    return f"{title} with LoRA"
+  return title
+
+
+def resolve_stages(
+  config, train_fn, *, announce=print, spec: str = "", workdir: str = ""
+):
   """`config` with its `run:` keys (`STAGE_KEYS`) replaced by the trained
   stages' workdirs.
 
   Stages chain (SFT's own init is `run:` pretraining); each is trained by
   `train_fn(stage_config, workdir)` unless its cached run is finished.
+  Each stage is announced first, `stage 2/3: SFT (configs/sft.py) -> DIR`,
+  saying when the cache's finished run is reused; the last banner is this
+  run's (`spec`, `workdir`: its config file and workdir, if given).
   Called before training starts, never from inside the training loop.
   """
   order, resolved = plan_stages(config)
   if not order:
     return config
   n = len(order) + 1
-  for i, (spec, workdir, stage) in enumerate(order):
-    announce(f"stage {i + 1}/{n}: {spec} -> {workdir}")
-    train_fn(stage, workdir)
-  announce(f"stage {n}/{n}: this run")
+  for i, (stage_spec, stage_dir, stage) in enumerate(order):
+    head = (
+      f"stage {i + 1}/{n}: {stage_title(stage)} ({stage_spec}) -> {stage_dir}"
+    )
+    done = resume.finished(stage, stage_dir, checkpoint.latest_step(stage_dir))
+    if done is not None:
+      announce(f"{head}: reused from the cache (finished at step {done})")
+      continue
+    announce(head)
+    train_fn(stage, stage_dir)
+  this = f" ({spec})" if spec else ""
+  where = f" -> {workdir}" if workdir else ""
+  announce(f"stage {n}/{n}: {stage_title(config)}{this}{where}")
   return resolved
 
 
@@ -344,7 +368,14 @@ def model_config(config, tokenizer) -> transformer.TransformerConfig:
 
 
 # What a run may set on a model whose architecture comes from `init`.
-FREE_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "head")
+FREE_FIELDS = (
+  "dtype",
+  "param_dtype",
+  "scan_layers",
+  "remat",
+  "head",
+  "logits_chunk",
+)
 HEAD_LEAVES = {"score": "score/kernel", "lm+value": "value_head/kernel"}
 
 

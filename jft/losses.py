@@ -354,6 +354,28 @@ def group_advantages(rewards, group_size, scale=True):
   return adv.reshape(n)
 
 
+def leave_one_out(rewards, group_size):
+  """Each reward minus the mean of the *other* samples of its prompt, [N].
+
+  Rows are consecutive groups of `group_size` samples of one prompt (RLOO,
+  Ahmadian et al. 2024): r_i - (sum_j r_j - r_i) / (G - 1). The baseline
+  depends on the prompt and the other samples only, so subtracting it
+  leaves the policy gradient unbiased and the optimum unchanged, while the
+  critic no longer has to learn each prompt's level. G = 1 returns r.
+  """
+  r = _f32(rewards)  # [N]
+  n = r.shape[0]
+  if group_size < 1 or n % group_size:
+    raise ValueError(
+      f"leave_one_out: {n} rewards do not split into groups of {group_size}"
+    )
+  if group_size == 1:
+    return r
+  g = r.reshape(n // group_size, group_size)  # [N/G, G]
+  others = (jnp.sum(g, axis=-1, keepdims=True) - g) / (group_size - 1)
+  return (g - others).reshape(n)
+
+
 GRPO_AGGS = ("grpo", "dr_grpo", "dapo")
 
 

@@ -180,7 +180,13 @@ def main(argv):
       )
 
   def run():
-    resolved = init.resolve_stages(config, train.run, announce=say)
+    resolved = init.resolve_stages(
+      config,
+      train.run,
+      announce=say,
+      spec=config_flags.get_config_filename(flags.FLAGS["config"]),
+      workdir=workdir,
+    )
     train.run(resolved, workdir)
 
   say = print if primary else (lambda *_: None)

@@ -1,17 +1,34 @@
-"""Run outputs: metrics.jsonl, TensorBoard events, console progress.
+"""Run outputs: metrics.jsonl, TensorBoard events, W&B, console progress.
 
 Only process 0 writes. TensorBoard files come from tensorboardX, so there is
 no TensorFlow dependency.
+
+Weights & Biases is off unless `config.wandb.enabled` (the `wandb` extra:
+`pip install 'jft[wandb]'`); when off, `wandb` is never imported and nothing
+is contacted. When on, the run's resolved config (WORKDIR/config.json) is
+the W&B config, every metrics row is logged with its `step` as the x axis,
+and the W&B run id is kept in WORKDIR/wandb_run_id so a resumed jft run
+continues the same W&B run. `wandb.mode='offline'` writes the W&B files
+(under `wandb.dir`, default WORKDIR) without a network; `wandb sync` uploads
+them later.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
+import secrets
+import string
 import sys
 import time
 from collections.abc import Mapping
+
+from jft import errors
+
+WANDB_MODES = ("online", "offline", "disabled")
+WANDB_ID_FILE = "wandb_run_id"
 
 
 def truncate_jsonl(path: str, max_step: int) -> None:
@@ -48,17 +65,90 @@ def _strict(value) -> float | None:
   return value if math.isfinite(value) else None
 
 
-class MetricWriter:
-  """Appends `{"step": int, name: float, ...}` lines; mirrors to TensorBoard."""
+def wandb_installed() -> bool:
+  """Whether `wandb` can be imported (found without importing it)."""
+  return importlib.util.find_spec("wandb") is not None
 
-  def __init__(self, workdir: str, enabled: bool = True, tensorboard=True):
+
+def _wandb_settings(config):
+  """`config.wandb`, or None when the config has none or it is off."""
+  try:
+    w = config.wandb
+  except (AttributeError, KeyError):
+    return None
+  return w if w.enabled else None
+
+
+def _run_config(workdir: str, config) -> dict:
+  """The resolved config (WORKDIR/config.json, which jft.train writes
+  before the writer starts), else `config` as a dict."""
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return config.to_dict()
+
+
+def wandb_run(workdir: str, config):
+  """A started W&B run for `config.wandb` (see the module docstring)."""
+  w = config.wandb
+  try:
+    import wandb  # only here: a run without W&B never imports it
+  except ImportError as e:
+    raise errors.UserError(
+      "config.wandb.enabled=True needs the wandb package, which is not "
+      "installed: pip install 'jft[wandb]' (or pip install wandb)"
+    ) from e
+  id_path = os.path.join(workdir, WANDB_ID_FILE)
+  if os.path.exists(id_path):
+    with open(id_path) as f:
+      run_id = f.read().strip()
+  else:
+    alphabet = string.ascii_lowercase + string.digits  # as W&B's own ids
+    run_id = "".join(secrets.choice(alphabet) for _ in range(8))
+    with open(id_path, "w") as f:
+      f.write(run_id + "\n")
+  folder = w.dir or workdir
+  os.makedirs(folder, exist_ok=True)
+  try:
+    run = wandb.init(
+      project=w.project,
+      entity=w.entity or None,
+      name=w.name or os.path.basename(os.path.abspath(workdir)),
+      group=w.group or None,
+      mode=w.mode,
+      dir=folder,
+      config=_run_config(workdir, config),
+      id=run_id,
+      resume="allow",
+    )
+  except wandb.errors.Error as e:  # no login, no network, a bad entity
+    raise errors.UserError(
+      f"config.wandb: W&B did not start ({' '.join(str(e).split())}); run "
+      "`wandb login`, or set config.wandb.mode='offline' (`wandb sync` "
+      "later) or config.wandb.enabled=False"
+    ) from e
+  run.define_metric("*", step_metric="step")  # jft's step on the x axis
+  return run
+
+
+class MetricWriter:
+  """Appends `{"step": int, name: float, ...}` lines; mirrors them to
+  TensorBoard and, when `config.wandb.enabled`, to Weights & Biases."""
+
+  def __init__(
+    self, workdir: str, enabled: bool = True, tensorboard=True, config=None
+  ):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
+    self._wandb = None
     if enabled and tensorboard:
       from tensorboardX import SummaryWriter
 
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+    if enabled and _wandb_settings(config) is not None:
+      self._wandb = wandb_run(workdir, config)
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled or not metrics:
@@ -71,11 +161,17 @@ class MetricWriter:
       for k, v in row.items():
         if k != "step" and v is not None:
           self._tb.add_scalar(k, v, int(step))
+    if self._wandb is not None:
+      self._wandb.log({k: v for k, v in row.items() if v is not None})
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.flush()
       self._tb.close()
+      self._tb = None
+    if self._wandb is not None:
+      self._wandb.finish()
+      self._wandb = None
 
 
 def _fmt_time(s: float) -> str:

@@ -20,11 +20,28 @@ OPTIMIZERS = ("adamw", "sgd", "adafactor")  # config.optimizer.name
 SCHEDULES = ("cosine", "linear", "constant")  # config.optimizer.schedule
 
 
-def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int):
-  """Learning-rate schedule: linear warmup then cosine/linear/constant."""
+def warmup_steps(cfg: ml_collections.ConfigDict, total_steps: int) -> int:
+  """`cfg.warmup_steps`, shortened to total - 1 when it would not end."""
   warmup = int(cfg.warmup_steps)
   if warmup >= total_steps and total_steps > 0:
     warmup = max(total_steps - 1, 0)
+  return warmup
+
+
+def describe_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> str:
+  """One line: total steps, warmup, decay and peak learning rate."""
+  warmup = warmup_steps(cfg, total_steps)
+  if cfg.schedule == "constant":
+    decay = "then constant"
+  else:
+    end = cfg.lr * cfg.min_lr_ratio
+    decay = f"{cfg.schedule} decay to {end:.3g} over {total_steps - warmup}"
+  return f"{total_steps} steps, warmup {warmup}, {decay}, peak lr {cfg.lr:.3g}"
+
+
+def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int):
+  """Learning-rate schedule: linear warmup then cosine/linear/constant."""
+  warmup = warmup_steps(cfg, total_steps)
   decay_steps = max(total_steps - warmup, 1)
   end = cfg.lr * cfg.min_lr_ratio
   if cfg.schedule == "cosine":

@@ -31,6 +31,11 @@ MAY_CHANGE = (
   "sft.max_eval_generations",
   "rl.samples_to_log",
   "mesh.",  # orbax reshards on restore
+  "model.logits_chunk",  # how the loss is computed, not what (same numbers)
+  "wandb.",  # where metrics are mirrored, not what is trained
+  # The steps `data.num_epochs` passes take: counted from the data after
+  # this check (the keys that shape the data may not change).
+  "runtime.data_steps",
 )
 
 
@@ -73,14 +78,46 @@ def as_json(resolved: dict) -> dict:
   return json.loads(json.dumps(resolved, default=str))
 
 
+def saved_config(workdir: str) -> dict | None:
+  """WORKDIR/config.json as saved (None: no run saved one)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def planned_steps(config, workdir: str) -> int | None:
+  """The step a run of `config` in `workdir` ends at, as far as is known
+  before its data is read: `total_steps`; with `data.num_epochs`, the
+  fewer of that (0 = no limit) and the steps the data lasts, as the run
+  there saved them (config.json's `runtime.data_steps`); None when no run
+  saved them yet."""
+  if config.data.num_epochs is None:
+    return config.total_steps
+  saved = saved_config(workdir) or {}
+  data_steps = saved.get("runtime", {}).get("data_steps")
+  if data_steps is None:
+    return None
+  return min(config.total_steps or data_steps, data_steps)
+
+
+def finished(config, workdir: str, latest: int | None) -> int | None:
+  """The planned last step (`planned_steps`) when the run in `workdir`,
+  whose newest checkpoint is step `latest`, has reached it; else None."""
+  planned = planned_steps(config, workdir)
+  if latest and planned is not None and latest >= planned:
+    return planned
+  return None
+
+
 def check(workdir: str, resolved: dict, allow: str = "") -> None:
   """Raises ConfigError if `resolved` differs from WORKDIR/config.json in a
   key that may not change (see module docstring)."""
   path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  saved = saved_config(workdir)
+  if saved is None:
     return  # a run from before config.json was written: nothing to check
-  with open(path, encoding="utf-8") as f:
-    saved = json.load(f)
   extra = tuple(k.strip() for k in allow.split(",") if k.strip())
   diff = changes(saved, as_json(resolved), extra)
   if diff:

@@ -275,6 +275,15 @@ def to_host(tree):
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def max_over_processes(value: int) -> int:
+  """The largest of every process's `value` (each must call it)."""
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils
+
+  return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+
+
 def sync(name: str) -> None:
   """Barrier across processes (no-op with one), e.g. after process 0 writes
   files the others read."""

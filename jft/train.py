@@ -111,9 +111,9 @@ def run(
     return _run(config, workdir, stop_after, stop_signal, primary)
 
 
-def _write_config(config, workdir, model_cfg, resuming: bool) -> None:
-  """WORKDIR/config.json: the resolved config. A resume must match it
-  first (jft/resume.py), so a changed key is an error, not an overwrite."""
+def _resolved_config(config, model_cfg) -> dict:
+  """The config as WORKDIR/config.json records it: the model's full shape,
+  and what the run finds out (`runtime`)."""
   resolved = config.to_dict()
   resolved["model"] = {
     "preset": config.model.preset,
@@ -122,8 +122,13 @@ def _write_config(config, workdir, model_cfg, resuming: bool) -> None:
   # Not config keys, but a resume must match them too: each process's data
   # position is saved, so another process count would read other rows.
   resolved["runtime"] = {"process_count": jax.process_count()}
-  if resuming:
-    resume.check(workdir, resolved, config.allow_config_change)
+  return resolved
+
+
+def _write_config(resolved: dict, workdir: str, model_cfg) -> None:
+  """WORKDIR/config.json: the resolved config (`_resolved_config`, with
+  the steps the run takes). A resume checked it first (jft/resume.py), so
+  a changed key is an error, not an overwrite."""
   if jax.process_index() == 0:
     path = os.path.join(workdir, "config.json")
     with open(path + ".tmp", "w") as f:
@@ -143,7 +148,9 @@ def _check_stages_resolved(config) -> None:
       )
 
 
-def _initial_state(config, model_cfg, params, objective, mesh) -> TrainState:
+def _initial_state(
+  config, model_cfg, params, objective, mesh, total
+) -> TrainState:
   """The train state at step 0, placed on the mesh."""
   trainable, frozen = split_params(params, freeze_table(config, model_cfg))
   for path, leaf in flat_paths(trainable).items():
@@ -152,9 +159,7 @@ def _initial_state(config, model_cfg, params, objective, mesh) -> TrainState:
         f"config.freeze: {path} ({leaf.dtype}) cannot be trained; freeze it"
       )
   ref = objective.reference_params(params, trainable)
-  optimizer, _ = optim.make_optimizer(
-    config.optimizer, config.total_steps, trainable
-  )
+  optimizer, _ = optim.make_optimizer(config.optimizer, total, trainable)
   state = TrainState(
     step=jnp.zeros((), jnp.int32),
     trainable=trainable,
@@ -198,10 +203,11 @@ def _accounting(state, primary: bool) -> dict[str, int]:
   return acc
 
 
-def _compile(config, objective, apply_fn, state, mesh, rules):
-  """(jitted train step, jitted eval step) with the run's shardings."""
+def _compile(config, objective, apply_fn, state, mesh, rules, total):
+  """(jitted train step, jitted eval step) with the run's shardings; the
+  learning-rate schedule spans `total` steps."""
   optimizer, schedule = optim.make_optimizer(
-    config.optimizer, config.total_steps, state.trainable
+    config.optimizer, total, state.trainable
   )
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   batch_shardings = sharding.batch_sharding(mesh)
@@ -292,15 +298,44 @@ def _run(config, workdir, stop_after, stop_signal, primary):
     ckpt.close()
 
 
+def _say_finished(workdir, latest, total, primary) -> dict:
+  if primary:
+    print(
+      f"{workdir}: already finished (step {latest} of {total}); nothing to do."
+    )
+  return {}
+
+
+def total_steps(config, data_steps: int | None) -> int:
+  """The steps the run takes: `config.total_steps`; with
+  `data.num_epochs`, `data_steps` (what those passes over the data take)
+  when total_steps is 0, else the fewer of the two."""
+  if data_steps is None:
+    return config.total_steps
+  return min(config.total_steps or data_steps, data_steps)
+
+
+def describe_batch(config, n_proc: int) -> str:
+  """One line: rows and tokens per optimizer step, and how they are made
+  (`batch_size` is global; grad accumulation splits it, not multiplies)."""
+  b, k, t = config.batch_size, config.grad_accum_steps, config.seq_len
+  if b % (n_proc * k) == 0:
+    parts = [f"{n_proc} process{'es' if n_proc > 1 else ''}"] * (n_proc > 1)
+    parts += [f"{k} accumulated micro-batches"] * (k > 1)
+    how = " x ".join(parts + [f"{b // (n_proc * k)} rows"])
+  else:
+    how = f"batch_size {b}, grad_accum_steps {k}, {n_proc} processes"
+  return (
+    f"effective batch: {b} rows x {t} tokens = {b * t:,} tokens per step "
+    f"({how})"
+  )
+
+
 def _train(config, workdir, stop_after, stop_signal, primary, ckpt):
   latest = ckpt.latest_step() or 0
-  if latest >= config.total_steps:
-    if primary:
-      print(
-        f"{workdir}: already finished (step {latest} of "
-        f"{config.total_steps}); nothing to do."
-      )
-    return {}
+  done = resume.finished(config, workdir, latest)
+  if done is not None:
+    return _say_finished(workdir, latest, done, primary)
   _check_stages_resolved(config)
 
   # Mesh.
@@ -332,7 +367,9 @@ def _train(config, workdir, stop_after, stop_signal, primary, ckpt):
         "reward model's trained score head; set it False and use "
         "config.lora.save_merged=True (a sequence classifier)"
       )
-  _write_config(config, workdir, model_cfg, resuming=latest > 0)
+  resolved = _resolved_config(config, model_cfg)
+  if latest:  # before anything is built or restored
+    resume.check(workdir, resolved, config.allow_config_change)
   model = transformer.Transformer(model_cfg)
   init.record_source(config, workdir)
   params = init.init_params(config, model_cfg, mesh, rules)
@@ -352,15 +389,27 @@ def _train(config, workdir, stop_after, stop_signal, primary, ckpt):
     lm=_starting_lm(config, model_cfg, mesh, rules),
   )
   train_iter = data.train
+  total = total_steps(config, data.steps)
+  if latest >= total:  # known only now: the data's steps
+    return _say_finished(workdir, latest, total, primary)
+  resolved["total_steps"] = total
+  if data.steps is not None:  # resume.planned_steps reads it
+    resolved["runtime"]["data_steps"] = data.steps
+  _write_config(resolved, workdir, model_cfg)
+  if primary:
+    epochs = config.data.num_epochs
+    why = f" ({epochs} epochs of the data)" if total == data.steps else ""
+    print(describe_batch(config, n_proc))
+    print(f"schedule: {optim.describe_schedule(config.optimizer, total)}{why}")
   evals = evaluators.build(
     config, tokenizer, data.eval_records, objective.evaluators
   )
-  state = _initial_state(config, model_cfg, params, objective, mesh)
+  state = _initial_state(config, model_cfg, params, objective, mesh, total)
   del params
   accounting = _accounting(state, primary)
 
   # Resume: the newest checkpoint that verifies (older ones if not).
-  writer = metrics.MetricWriter(workdir, enabled=primary)
+  writer = metrics.MetricWriter(workdir, enabled=primary, config=config)
   start = 0
   if latest:
     abstract = jax.tree.map(
@@ -379,7 +428,7 @@ def _train(config, workdir, stop_after, stop_signal, primary, ckpt):
     metrics.truncate_jsonl(writer.path, start if start else -1)
 
   train_step, eval_step = _compile(
-    config, objective, apply_fn, state, mesh, rules
+    config, objective, apply_fn, state, mesh, rules, total
   )
   evaluate = _evaluator(
     objective, apply_fn, eval_step, data.eval_batches, evals, mesh
@@ -387,7 +436,7 @@ def _train(config, workdir, stop_after, stop_signal, primary, ckpt):
   check_finite = _finite_guard(ckpt)
 
   # Loop.
-  progress = metrics.Progress(config.total_steps, enabled=primary)
+  progress = metrics.Progress(total, enabled=primary)
   last = {}
   if start == 0:
     first = dict(accounting)
@@ -405,7 +454,7 @@ def _train(config, workdir, stop_after, stop_signal, primary, ckpt):
   tokens, t_last, s_last, pending = 0, time.time(), start, None
   preempted = False
   try:
-    for step in range(start, config.total_steps):
+    for step in range(start, total):
       local, source_metrics = train_iter.next(state)
       tokens += int(np.sum(local["weights"] > 0))
       state, m = train_step(state, sharding.global_batch(local, mesh))
@@ -414,7 +463,7 @@ def _train(config, workdir, stop_after, stop_signal, primary, ckpt):
         check_finite(*pending)
       pending = (s, m)
       out = {f"train/{k}": v for k, v in source_metrics.items()}  # rollouts
-      if s % config.log_every == 0 or s == config.total_steps:
+      if s % config.log_every == 0 or s == total:
         check_finite(s, m)
         now = time.time()
         out.update(
@@ -429,18 +478,16 @@ def _train(config, workdir, stop_after, stop_signal, primary, ckpt):
         out["train/steps_per_s"] = (s - s_last) / elapsed
         tokens, t_last, s_last = 0, now, s
         progress.update(s, out)
-      if config.eval_every and (
-        s % config.eval_every == 0 or s == config.total_steps
-      ):
+      if config.eval_every and (s % config.eval_every == 0 or s == total):
         ev = evaluate(state)
         out.update(ev)
         if ev and primary:
           print("  ".join(f"{k} {v:.4f}" for k, v in ev.items()))
         t_last, s_last = time.time(), s  # eval is not training throughput
       # Every step asks (all processes must); the last step just finishes.
-      preempted = stop_signal.should_stop(s) and s < config.total_steps
+      preempted = stop_signal.should_stop(s) and s < total
       stop = preempted or (stop_after is not None and s >= stop_after)
-      if s % config.checkpoint_every == 0 or s == config.total_steps or stop:
+      if s % config.checkpoint_every == 0 or s == total or stop:
         check_finite(s, m)
         ckpt.save(s, state, train_iter)
       if out:
@@ -453,11 +500,47 @@ def _train(config, workdir, stop_after, stop_signal, primary, ckpt):
     writer.close()
   if preempted:
     raise errors.Preempted(int(state.step), stop_signal.signame, workdir)
-  if int(state.step) >= config.total_steps:
+  finished = int(state.step) >= total
+  if primary and finished and total < config.total_steps:
+    print(
+      f"data exhausted after {config.data.num_epochs} epochs at step "
+      f"{total} of {config.total_steps}"
+    )
+  if finished:
     artefacts.export(config, workdir, state, model_cfg, tokenizer, primary)
-  if primary and int(state.step) >= config.total_steps:
+  if primary and finished:
     artefacts.write_summary(objective, workdir, writer.path)
+    artefacts.write_curves(workdir, writer.path)
+  if primary and finished:  # last: it points at what the lines above wrote
+    print(end_summary(workdir, total))
   return last
+
+
+HEADLINE = (  # what a finished run's summary shows, when logged
+  "train/loss",
+  "eval/loss",
+  "eval/perplexity",
+  "eval/accuracy",
+  "eval/task_accuracy",
+  "eval/masked_accuracy",
+)
+
+
+def end_summary(workdir: str, step: int) -> str:
+  """The lines a finished run ends with: its workdir, the last value of
+  each headline metric, the before/after table and curves when written,
+  and how to open TensorBoard."""
+  _, last = metrics.first_and_last(os.path.join(workdir, "metrics.jsonl"))
+  shown = [f"{k} {last[k]:.4f}" for k in HEADLINE if last.get(k) is not None]
+  lines = [f"done: {workdir} (step {step})"]
+  if shown:
+    lines.append("  " + "  ".join(shown))
+  for label, name in (("summary", "summary.md"), ("curves", "curves.png")):
+    path = os.path.join(workdir, name)
+    if os.path.exists(path):
+      lines.append(f"  {label}: {path}")
+  lines.append(f"  tensorboard --logdir {os.path.join(workdir, 'tb')}")
+  return "\n".join(lines)
 
 
 def _starting_lm(config, model_cfg, mesh, rules):

@@ -182,8 +182,27 @@ def _rule(key: str, check: Check, note: str = "", when=None) -> Rule:
   return Rule(key, lambda v, c: pred(v), must, **kw)
 
 
+def _num_epochs(c):
+  try:
+    return c.data.num_epochs
+  except (KeyError, AttributeError):  # a partial config: no epochs
+    return None
+
+
+def _online(c) -> bool:
+  """The objective's data are made online (rollouts), not read from files."""
+  from jft import objectives
+
+  return (
+    c.objective in objectives.REGISTRY
+    and objectives.get(c.objective).source == "rollouts"
+  )
+
+
 def _group_size(c) -> int:
-  return c.grpo.num_generations if c.objective == "grpo" else 1
+  return {"grpo": c.grpo.num_generations, "ppo": c.ppo.num_generations}.get(
+    c.objective, 1
+  )
 
 
 def _reward_names(v) -> bool:
@@ -221,7 +240,7 @@ def _ppo_head(c) -> str:
 @functools.cache
 def rules() -> tuple[Rule, ...]:
   """The ordered table (built once; the lists come from the code)."""
-  from jft import losses, objectives, optim, state
+  from jft import losses, metrics, objectives, optim, state
   from jft.data import onpolicy, tasks
   from jft.models import config as model_config
   from jft.models import presets
@@ -234,7 +253,14 @@ def rules() -> tuple[Rule, ...]:
     # What runs, for how long, on what.
     r("objective", one_of(objectives.REGISTRY), "jft.objectives.REGISTRY"),
     r("seed", ge(0)),
-    r("total_steps", ge(1)),
+    Rule(
+      "total_steps",
+      lambda v, c: (
+        _finite(v) and (v >= 1 or (v == 0 and _num_epochs(c) is not None))
+      ),
+      ">= 1, or 0 with config.data.num_epochs set (as many steps as those "
+      "passes over the training data take)",
+    ),
     r("batch_size", ge(1)),
     Rule(
       "batch_size",
@@ -257,6 +283,15 @@ def rules() -> tuple[Rule, ...]:
     r("data.tokenizer", path("any")),
     r("data.tokenizer_vocab_size", ge(1)),
     r("data.num_epochs", optional(ge(1)), "None = repeat"),
+    Rule(
+      "data.num_epochs",
+      lambda v, c: v is None,
+      lambda c: (
+        f"None for objective {c.objective!r}: its data are rollouts of the "
+        "policy, which have no epochs (set config.total_steps)"
+      ),
+      _online,
+    ),
     r("data.builtin.tasks", names_in(tasks.TASKS)),
     r("data.builtin.n_train", ge(1)),
     r("data.builtin.n_eval", ge(0)),
@@ -323,7 +358,7 @@ def rules() -> tuple[Rule, ...]:
       lambda v, c: c.batch_size < 1 or v * _group_size(c) % c.batch_size == 0,
       lambda c: (
         "such that prompts_per_rollout x the group size ("
-        f"{_group_size(c)}: grpo.num_generations for GRPO, 1 for PPO) is a "
+        f"{_group_size(c)}: {c.objective}.num_generations) is a "
         f"multiple of config.batch_size={c.batch_size}"
       ),
       _is("ppo", "grpo"),
@@ -374,6 +409,8 @@ def rules() -> tuple[Rule, ...]:
     r("ppo.vf_clip", gt(0)),
     r("ppo.vf_coef", ge(0)),
     r("ppo.missing_eos_penalty", ge(0)),
+    r("ppo.critic_warmup_steps", ge(0)),
+    r("ppo.num_generations", ge(1)),
     r("ppo.critic", one_of(critic.MODES)),
     Rule(
       "model.head",
@@ -443,6 +480,18 @@ def rules() -> tuple[Rule, ...]:
       for axis in ("data", "fsdp", "tensor")
     ),
     r("mesh.num_devices", ge(0), "0 = all"),
+    # Outputs.
+    Rule(
+      "wandb.enabled",
+      lambda v, c: not v or metrics.wandb_installed(),
+      "False unless the wandb package is installed (pip install 'jft[wandb]')",
+    ),
+    r("wandb.mode", one_of(metrics.WANDB_MODES)),
+    Rule(
+      "wandb.project",
+      lambda v, c: not c.wandb.enabled or bool(v.strip()),
+      "a W&B project name with config.wandb.enabled=True",
+    ),
     # The model (None = the preset's value).
     r("model.preset", one_of(("", *presets.PRESETS))),
     *(
@@ -465,6 +514,7 @@ def rules() -> tuple[Rule, ...]:
     r("model.dtype", optional(one_of(model_config._DTYPES))),
     r("model.param_dtype", optional(one_of(model_config._DTYPES))),
     r("model.remat", optional(one_of(model_config.REMAT_POLICIES))),
+    r("model.logits_chunk", optional(ge(0)), "0 = full logits"),
     r("model.rope_theta", optional(gt(0))),
     r("model.norm_eps", optional(gt(0))),
   )

@@ -1,4 +1,4 @@
-"""bench/throughput.py still runs (tiny preset, 2 steps) and counts right.
+"""The benchmarks still run (tiny shapes, a step or two) and count right.
 
 Only keeps the benchmark from rotting; its timings are never asserted.
 """
@@ -11,6 +11,7 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import pytest
 
 from jft.models import transformer
 
@@ -96,3 +97,75 @@ def test_load_memory_bench_runs_tiny(tmp_path, capsys):
   )
   assert [r["mode"] for r in rows] == ["bfloat16", "qlora-nf4"]
   assert all(r["peak_mib"] >= r["runtime_mib"] > 0 for r in rows)
+
+
+def _check_compare_rows(rows, printed, workloads, dtypes):
+  assert [(r["workload"], r["dtype"]) for r in rows] == [
+    (w, d) for w in workloads for d in dtypes
+  ]
+  for r in rows:
+    for key in (
+      "jft_step_s",
+      "torch_step_s",
+      "jft_tokens_per_s",
+      "torch_tokens_per_s",
+      "ratio",
+      "jft_params",
+      "jft_trainable",
+    ):
+      assert math.isfinite(r[key]) and r[key] > 0, (r["workload"], key)
+    assert math.isfinite(r["jft_loss"]) and math.isfinite(r["torch_loss"])
+    assert r["jft_params"] == r["torch_params"]
+    assert r["jft_trainable"] == r["torch_trainable"]
+    line = f"| {r['workload']} | {r['dtype']} | {r['jft_step_s']:.3f} s |"
+    assert line in printed
+  assert "jft / PyTorch" in printed
+
+
+def test_compare_quick_full_lora(capsys):
+  """jft vs transformers (+ PEFT), bf16 autocast; seconds, not minutes."""
+  argv = ["--quick", "--workloads", "full,lora", "--dtypes", "bfloat16"]
+  rows = _load("compare").main(argv)
+  printed = capsys.readouterr().out
+  _check_compare_rows(rows, printed, ["full", "lora"], ["bfloat16"])
+  lora = rows[1]
+  assert 0 < lora["jft_trainable"] < lora["jft_params"] / 2  # adapters only
+
+
+def test_compare_quick_dpo(capsys):
+  """jft's DPO step vs TRL's DPOTrainer; skipped without trl (not in the
+  test extra)."""
+  pytest.importorskip("trl")
+  argv = ["--quick", "--workloads", "dpo", "--dtypes", "bfloat16"]
+  rows = _load("compare").main(argv)
+  printed = capsys.readouterr().out
+  _check_compare_rows(rows, printed, ["dpo"], ["bfloat16"])
+  assert rows[0]["torch_system"] == "TRL DPOTrainer"
+
+
+def test_compare_report_ratios():
+  """The table and the bf16-vs-f32 ratio, from made-up rows."""
+  cmp = _load("compare")
+  args = cmp.parse_args(["--quick", "--workloads", "full"])
+  rows = [
+    {
+      "workload": "full",
+      "dtype": d,
+      "torch_system": "transformers",
+      "jft_step_s": js,
+      "torch_step_s": ts,
+      "jft_tokens_per_s": 1.0,
+      "torch_tokens_per_s": 1.0,
+      "ratio": js / ts,
+      "jft_params": 10,
+      "jft_trainable": 10,
+      "torch_params": 10,
+      "torch_trainable": 10,
+    }
+    for d, js, ts in (("float32", 0.6, 0.3), ("bfloat16", 0.15, 0.2))
+  ]
+  assert cmp.bf16_vs_f32(rows) == {"full": 0.5}
+  info = cmp.machine_info(2)
+  text = cmp.format_report(info, args, rows)
+  assert "| full | 0.50 |" in text and "| full | float32 | 0.600 s |" in text
+  assert args.shape == "tiny" and args.dtypes == ["float32", "bfloat16"]

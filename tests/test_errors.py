@@ -336,7 +336,10 @@ def test_partial_configs_skip_missing_keys():
 
   assert violations(ml_collections.ConfigDict({"total_steps": 5})) == []
   bad = ml_collections.ConfigDict({"total_steps": 0})
-  assert violations(bad) == ["config.total_steps=0: must be >= 1"]
+  assert violations(bad) == [
+    "config.total_steps=0: must be >= 1, or 0 with config.data.num_epochs "
+    "set (as many steps as those passes over the training data take)"
+  ]
 
 
 def test_deep_user_errors_are_config_errors(tmp_path):

@@ -55,14 +55,16 @@ def test_stage_chain_trains_in_order_from_each_other(suite_dir, tmp_path):
     trained.append((cfg.objective, cfg.init, workdir))
     train.run(cfg, workdir)
 
-  resolved = init.resolve_stages(config, fake_train, announce=said.append)
+  resolved = init.resolve_stages(
+    config, fake_train, announce=said.append, spec="c.py", workdir="W"
+  )
   (obj_a, init_a, dir_a), (obj_b, init_b, dir_b) = trained
   assert (obj_a, init_a, obj_b, init_b) == ("clm", "", "sft", dir_a)
   assert resolved.init == dir_b and config.init == f"run:{b}"
-  assert said == [
-    f"stage 1/3: {a} -> {dir_a}",
-    f"stage 2/3: {b} -> {dir_b}",
-    "stage 3/3: this run",
+  assert said == [  # each stage's banner: what, from which config, where
+    f"stage 1/3: pretraining ({a}) -> {dir_a}",
+    f"stage 2/3: SFT ({b}) -> {dir_b}",
+    "stage 3/3: SFT (c.py) -> W",
   ]
   # Stage b started from stage a's weights and tokenizer.
   with open(os.path.join(dir_b, "config.json")) as fh:
@@ -71,12 +73,20 @@ def test_stage_chain_trains_in_order_from_each_other(suite_dir, tmp_path):
     tokenizers.load_tokenizer_dir(dir_b).files
     == tokenizers.load_tokenizer_dir(dir_a).files
   )
-  # Resolving again trains nothing, and a run starting there gets stage b's
-  # final weights.
+  # Resolving again trains nothing (each banner says so), and a run
+  # starting there gets stage b's final weights.
   trained.clear()
+  said.clear()
   again = init.resolve_stages(config, fake_train, announce=said.append)
   assert again.init == dir_b
-  assert [t[0] for t in trained] == ["clm", "sft"]  # both only said "done"
+  assert trained == []
+  assert said == [
+    f"stage 1/3: pretraining ({a}) -> {dir_a}: reused from the cache "
+    "(finished at step 2)",
+    f"stage 2/3: SFT ({b}) -> {dir_b}: reused from the cache (finished at "
+    "step 2)",
+    "stage 3/3: SFT",
+  ]
   assert not os.path.exists(os.path.join(dir_b, "checkpoints", "3"))
   mesh = sharding.make_mesh(config.mesh)
   b_params = checkpoint.load_params(dir_b, mesh)

@@ -371,6 +371,18 @@ class AdvantageTest(chex.TestCase):
     fn = functools.partial(losses.group_advantages, group_size=g, scale=scale)
     close(self.variant(fn)(r), np_group_advantages(r, g, scale), 1e-5)
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_leave_one_out_by_hand(self):
+    # Groups of 3: [1, 2, 6] -> 1 - 4, 2 - 3.5, 6 - 1.5; [0, 0, 3] -> ...
+    r = f32([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])
+    want = [-3.0, -1.5, 4.5, -1.5, -1.5, 3.0]
+    fn = functools.partial(losses.leave_one_out, group_size=3)
+    close(self.variant(fn)(r), want, 1e-6)
+    fn1 = functools.partial(losses.leave_one_out, group_size=1)
+    close(self.variant(fn1)(r), r, 0)  # one sample: nothing to subtract
+    with self.assertRaises(ValueError):
+      losses.leave_one_out(r, 4)
+
 
 class GRPOTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)

@@ -430,6 +430,37 @@ def test_onpolicy_pairs_mined_by_two_processes_match_one(suite_dir, tmp_path):
     assert (two / name).read_text() == (tmp_path / "one" / name).read_text()
 
 
+def test_num_epochs_two_processes_stop_together_on_unequal_shards(
+  suite_dir, tmp_path
+):
+  """total_steps=0: one epoch of 9 one-row documents, unpacked. Process 0
+  reads 5 (2 batches of 4 rows, the second padded), process 1 reads 4 (one
+  batch): both take 2 steps, process 1 feeding a padding batch at step 2,
+  and both save step 2 and end, with the same count in config.json."""
+  lines = _short_docs(suite_dir, tmp_path).read_text().splitlines()[:9]
+  data = tmp_path / "nine.jsonl"
+  data.write_text("\n".join(lines) + "\n")
+  sets = dict(_overrides(suite_dir, data), total_steps=0, eval_every=0)
+  workdir = tmp_path / "epochs"
+  out = _launch(
+    [f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in sets.items()]
+  )
+  assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-3000:]
+  assert [r["step"] for r in _metrics(str(workdir))] == [0, 1, 2]
+  lines = out.stdout.splitlines()
+  assert (
+    "[p0] effective batch: 8 rows x 32 tokens = 256 tokens per step "
+    "(2 processes x 4 rows)"
+  ) in lines
+  assert any(ln.startswith("[p0] schedule: 2 steps, ") for ln in lines)
+  assert f"[p0] done: {workdir} (step 2)" in lines
+  for i, read in enumerate((5, 4)):
+    name = f"checkpoints/2/data/process_{i}-of-2.json"
+    assert json.loads((workdir / name).read_text()) == {"next_index": read}
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["total_steps"] == 2 and saved["runtime"]["data_steps"] == 2
+
+
 def test_multiprocess_run_requires_workdir():
   out = _launch(["--config.total_steps=1"], timeout=240)
   assert out.returncode != 0
@@ -486,7 +517,7 @@ def test_resume_with_another_process_count_is_a_named_error(runs):
   mp_dir = runs[0]
   with open(os.path.join(mp_dir, "config.json")) as f:
     saved = json.load(f)
-  assert saved["runtime"] == {"process_count": 2}
+  assert saved["runtime"]["process_count"] == 2
   now = dict(saved, runtime={"process_count": 1})
   with pytest.raises(errors.ConfigError, match="runtime.process_count: 2 -> 1"):
     resume.check(mp_dir, now)

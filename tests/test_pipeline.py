@@ -1,6 +1,7 @@
 """Tests for jft.data.pipeline / jft.data.jsonl (pure numpy, no jax)."""
 
 import collections
+import functools
 import itertools
 import json
 
@@ -220,6 +221,53 @@ def test_last_partial_batch_is_padding_rows():
   np.testing.assert_array_equal(batches[1]["segment_ids"][1:], 0)
   np.testing.assert_array_equal(batches[1]["weights"][1:], 0.0)
   np.testing.assert_array_equal(batches[1]["inputs"][1:], PAD)
+
+
+@pytest.mark.parametrize(
+  "kw",
+  [
+    {"num_epochs": 1, "packing": False},
+    {"num_epochs": 3, "packing": False, "shard_index": 1, "shard_count": 3},
+    {"num_epochs": 1},
+    {"num_epochs": 2, "shard_index": 0, "shard_count": 2, "seed": 5},
+    {"num_epochs": 2, "batch_size": 3, "num_packing_bins": 5},
+  ],
+)
+def test_count_train_batches_is_what_the_iterator_yields(kw):
+  examples = _docs(LENGTHS)
+  args = dict(seq_len=SEQ_LEN, batch_size=4, seed=0) | kw
+  assert pipeline.count_train_batches(examples, **args) == len(
+    list(_train(examples, **kw))
+  )
+
+
+def test_count_train_batches_by_hand():
+  # 5 one-piece docs + one of 3 pieces (20 tokens, seq_len 8) = 8 pieces;
+  # unpacked, 2 epochs = 16 rows; batch 5: 3 full batches and 1 padded.
+  examples = _docs([3, 3, 3, 3, 3, 20])
+  count = functools.partial(
+    pipeline.count_train_batches, examples, seq_len=SEQ_LEN, seed=0
+  )
+  assert count(batch_size=5, num_epochs=2, packing=False) == 4
+  # Process 1 of 3 reads pieces 1, 4, 7: 3 rows an epoch.
+  assert (
+    count(
+      batch_size=2, num_epochs=2, packing=False, shard_index=1, shard_count=3
+    )
+    == 3
+  )
+  # Packed: 2 epochs of 35 tokens fill at least ceil(70 / 8) = 9 rows.
+  assert count(batch_size=1, num_epochs=2) >= 9
+  pad = pipeline.padding_batch(
+    examples, seq_len=SEQ_LEN, batch_size=3, pad_id=PAD
+  )
+  real = next(_train(examples, batch_size=3))
+  assert pad.keys() == real.keys()
+  for k, v in pad.items():
+    assert v.shape == real[k].shape and v.dtype == real[k].dtype, k
+  np.testing.assert_array_equal(pad["inputs"], PAD)
+  np.testing.assert_array_equal(pad["weights"], 0)
+  np.testing.assert_array_equal(pad["segment_ids"], 0)
 
 
 def test_two_epochs_see_everything_twice():

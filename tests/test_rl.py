@@ -276,6 +276,28 @@ def _tiny_reward_model(suite_dir, workdir):
   return workdir
 
 
+def test_reward_model_reward_is_the_score_at_the_eos(suite_dir, tmp_path):
+  """The 'reward_model' reward is the reward model's score of the whole
+  sequence read at its final eos (where it was trained to score), equal to
+  a plain forward over [bos] + prompt + completion + [eos] through jft.load;
+  not the score one token earlier (an earlier bug: the rows were shifted,
+  so the eos was never read and RL optimised a meaningless number)."""
+  import jft
+
+  rm = _tiny_reward_model(suite_dir, str(tmp_path / "rm"))
+  model = jft.load(rm)
+  tok = model.tokenizer
+  rows = [{"prompt": "add: 1 + 2 ="}, {"prompt": "sort: c b a ="}]
+  comps = [" 3", " a b c"]
+  fn = rollouts.reward_model_scorer(rm, tok, seq_len=24)
+  got = fn(rows, comps, [True, True])
+  for r, c, g in zip(rows, comps, got, strict=True):
+    ids = list(tok.bos_prefix) + tok.encode(r["prompt"]) + tok.encode(c)
+    full = model.logits([ids + [tok.eos_id]])[0]  # [T] scores
+    np.testing.assert_allclose(g, full[-1], rtol=1e-5, atol=1e-5)
+    assert abs(g - full[-2]) > 1e-4  # not the token before the eos
+
+
 @pytest.mark.parametrize("lora", [0, 4])
 def test_ppo_critic_starts_as_the_reward_model_and_trains(
   suite_dir, tmp_path, lora
@@ -313,6 +335,46 @@ def test_ppo_critic_starts_as_the_reward_model_and_trains(
   if lora == 0:  # the reference copy holds no critic
     ref = checkpoint.load_params(workdir, mesh, parts=("ref",), aux=True)
     assert "critic" not in ref
+
+
+def test_ppo_critic_warmup_and_groups(suite_dir, tmp_path):
+  """ppo.critic_warmup_steps: only the critic moves in the first updates,
+  the policy after; ppo.num_generations: each prompt is sampled that many
+  times (consecutive rows), each score with the others' mean subtracted
+  (losses.leave_one_out, tested by hand in test_losses.py)."""
+  rm = _tiny_reward_model(suite_dir, str(tmp_path / "rm"))
+  config = _rl_config(
+    suite_dir,
+    "ppo",
+    **{
+      "model.head": "lm",
+      "ppo.critic": "reward_model",
+      "ppo.critic_warmup_steps": 2,
+      "ppo.num_generations": 2,
+      "rl.prompts_per_rollout": 4,  # x 2 samples = 8 rows, 1 minibatch
+      "rl.epochs": 1,
+      "rl.reward_model": rm,
+      "rl.reward_funcs": "reward_model",
+      "optimizer.weight_decay": 0.0,  # decay would move a frozen policy
+      "checkpoint_every": 1,
+      "keep_checkpoints": 4,
+    },
+  )
+  workdir = str(tmp_path / "ppo")
+  train.run(config, workdir)
+  mesh = sharding.make_mesh(config.mesh)
+  first = _starting_params(config, tmp_path)
+  at = lambda step: checkpoint.load_params(workdir, mesh, step=step, aux=True)
+  same = lambda a, b: all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
+  policy = lambda p: {k: v for k, v in p.items() if k != "critic"}
+  assert same(policy(at(2)), policy(first))  # warm-up: the policy waits
+  assert not same(at(2)["critic"], first["critic"])  # the critic learns
+  assert not same(policy(at(4)), policy(at(2)))  # then the policy moves
+  buf = np.load(os.path.join(workdir, "rollouts", "round-000000.npz"))
+  prompts = np.where(buf["weights"] > 0, -1, buf["inputs"])  # [8, T]
+  for i in range(0, 8, 2):  # two samples of one prompt, side by side
+    np.testing.assert_array_equal(prompts[i][:3], prompts[i + 1][:3])
+  assert not np.array_equal(prompts[0][:6], prompts[2][:6])
 
 
 def test_ppo_critic_errors(suite_dir):

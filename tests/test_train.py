@@ -277,6 +277,9 @@ def test_cli_default_config_runs_end_to_end(tmp_path):
     cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600
   )
   assert out.returncode == 0, out.stderr[-3000:]
+  assert "effective batch: 16 rows x 128 tokens = 2,048 tokens" in out.stdout
+  assert "schedule: 4 steps, warmup 3, cosine decay" in out.stdout
+  assert f"tensorboard --logdir {workdir}/tb" in out.stdout
   rows = _metrics(workdir)
   assert rows[0]["step"] == 0 and rows[0]["params/trainable"] > 0
   assert {
@@ -313,6 +316,106 @@ def test_stage_cache_key_follows_config_preset_and_suite(tmp_path, monkeypatch):
   # a new built-in suite format retrains stages that trained on the suite
   monkeypatch.setattr(tasks, "FORMAT_VERSION", tasks.FORMAT_VERSION + 1)
   assert init.stage_workdir("configs/pretrain_clm.py", c)[0] != b
+
+
+def test_num_epochs_sets_the_steps_and_ends_when_the_data_does(
+  suite_dir, tmp_path, capsys
+):
+  """14 one-row documents, unpacked, 2 epochs = 28 rows; batch 8: 4 steps
+  (the last 4 rows + 4 padding rows). With total_steps=100 too, the data
+  ends first: the run stops at step 4 with its message, final checkpoint
+  and summary, its schedule spanning 4 steps; a resume and a rerun agree."""
+  data = tmp_path / "short.jsonl"
+  data.write_text(
+    "".join(json.dumps({"text": f"{i} plus {i}"}) + "\n" for i in range(14))
+  )
+  config = tiny_config(
+    suite_dir,
+    total_steps=100,
+    eval_every=0,
+    checkpoint_every=50,
+    **{
+      "data.train_files": str(data),
+      "data.num_epochs": 2,
+      "data.packing": False,
+      "optimizer.warmup_steps": 1,
+    },
+  )
+  workdir = str(tmp_path / "epochs")
+  train.run(config, workdir, stop_after=2)
+  out = capsys.readouterr().out
+  assert "effective batch: 8 rows x 32 tokens = 256 tokens per step" in out
+  assert (
+    "schedule: 4 steps, warmup 1, cosine decay to 0.0001 over 3, peak lr "
+    "0.001 (2 epochs of the data)"
+  ) in out
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = json.load(f)
+  assert saved["total_steps"] == 4 and saved["runtime"]["data_steps"] == 4
+  train.run(config, workdir)  # resumes at 2
+  out = capsys.readouterr().out
+  assert "data exhausted after 2 epochs at step 4 of 100" in out
+  assert f"done: {workdir} (step 4)" in out
+  assert f"tensorboard --logdir {workdir}/tb" in out
+  assert "train/loss " in out[out.index("done: ") :]
+  assert checkpoint.Checkpointer(workdir).latest_step() == 4
+  state = os.path.join(workdir, "checkpoints", "4", "data")
+  with open(os.path.join(state, "process_0-of-1.json")) as f:
+    assert json.load(f) == {"next_index": 28}  # every row, twice
+  lrs = _per_step(workdir, "train/lr")
+  want = [optim.make_schedule(config.optimizer, 4)(i) for i in range(4)]
+  np.testing.assert_allclose(lrs, want, rtol=1e-6)
+  longer = optim.make_schedule(config.optimizer, 100)(3)
+  assert abs(lrs[-1] - longer) > 1e-5  # the schedule is 4 steps long
+  config.total_steps = 0  # from the data alone: the same run, finished
+  train.run(config, workdir)
+  assert "already finished (step 4 of 4)" in capsys.readouterr().out
+
+
+def test_steps_batch_line_and_summary_by_hand(suite_dir, tmp_path):
+  from jft.errors import ConfigError
+  from jft.validate import validate
+
+  c = tiny_config(suite_dir, total_steps=0, batch_size=32, seq_len=128)
+  with pytest.raises(ConfigError, match="total_steps=0: must be >= 1, or 0"):
+    validate(c)
+  c.data.num_epochs = 2
+  validate(c)
+  assert train.total_steps(c, 37) == 37
+  c.total_steps = 20
+  assert (train.total_steps(c, 37), train.total_steps(c, 7)) == (20, 7)
+  c.data.num_epochs = None
+  assert train.total_steps(c, None) == 20
+  c.objective, c.data.num_epochs = "grpo", 1
+  with pytest.raises(ConfigError, match="num_epochs=1: must be None for obj"):
+    validate(c)
+  c.grad_accum_steps = 2
+  assert train.describe_batch(c, 2) == (
+    "effective batch: 32 rows x 128 tokens = 4,096 tokens per step "
+    "(2 processes x 2 accumulated micro-batches x 8 rows)"
+  )
+  assert train.describe_batch(c, 1).endswith(
+    "(2 accumulated micro-batches x 16 rows)"
+  )
+  # The end summary: the last value of each headline metric present, and
+  # the files a run wrote.
+  rows = [{"step": 0, "eval/loss": 3.0}, {"step": 5, "train/loss": 1.5}]
+  rows += [{"step": 5, "eval/loss": 2.0, "eval/task_accuracy": 0.25}]
+  (tmp_path / "metrics.jsonl").write_text(
+    "".join(json.dumps(r) + "\n" for r in rows)
+  )
+  (tmp_path / "summary.md").write_text("| |\n")
+  text = train.end_summary(str(tmp_path), 5)
+  assert text.splitlines() == [
+    f"done: {tmp_path} (step 5)",
+    "  train/loss 1.5000  eval/loss 2.0000  eval/task_accuracy 0.2500",
+    f"  summary: {tmp_path}/summary.md",
+    f"  tensorboard --logdir {tmp_path}/tb",
+  ]
+  (tmp_path / "curves.png").write_bytes(b"")
+  assert f"  curves: {tmp_path}/curves.png" in train.end_summary(
+    str(tmp_path), 5
+  )
 
 
 def test_lr_scale_multiplies_matching_leaves_only():

@@ -15,6 +15,7 @@ import dataclasses
 import jax
 import numpy as np
 
+from jft import sharding
 from jft.data import onpolicy, pipeline, sources
 from jft.rl import rollouts
 
@@ -25,6 +26,9 @@ class Data:
   eval_batches: list  # this process's host batches
   eval_records: list  # held-out rows for evaluators (e.g. task prompts)
   stats: dict  # data/* counts, logged at step 0
+  # With config.data.num_epochs: the steps the data lasts, the same on every
+  # process (`train_steps`); None = it repeats (or rollouts: no end).
+  steps: int | None = None
 
 
 def files(config, objective, workdir, tokenizer, apply_fn, params):
@@ -102,18 +106,26 @@ def build(
     config.data.packing if objective.packing is None else objective.packing
   )
   n_proc = jax.process_count()
-  iterator = pipeline.make_train_iter(
-    train,
+  layout = dict(
     seq_len=config.seq_len,
     batch_size=config.batch_size // n_proc,
     seed=config.seed,
-    pad_id=tokenizer.pad_id,
     shuffle=config.data.shuffle,
     num_epochs=config.data.num_epochs,
     shard_index=jax.process_index(),
     shard_count=n_proc,
     packing=packing,
   )
+  iterator = pipeline.make_train_iter(train, pad_id=tokenizer.pad_id, **layout)
+  steps, padding = None, None
+  if config.data.num_epochs is not None:
+    steps = train_steps(train, layout)
+    padding = pipeline.padding_batch(
+      train,
+      seq_len=config.seq_len,
+      batch_size=layout["batch_size"],
+      pad_id=tokenizer.pad_id,
+    )
   eval_batches = []
   if eval_examples:
     eval_batches = shard_eval(
@@ -127,8 +139,20 @@ def build(
       tokenizer.pad_id,
     )
   return Data(
-    sources.Static(iterator),
+    sources.Static(iterator, padding),
     eval_batches,
     held_out if held_out is not None else records,
     dict(objective.data_stats),
+    steps,
+  )
+
+
+def train_steps(examples, layout: dict) -> int:
+  """Steps that `layout["num_epochs"]` passes over `examples` take: this
+  process's batches (`pipeline.count_train_batches`; the last one padded,
+  not dropped), the most of any process's, so every process stops at the
+  same step and none of the data is left out; a process whose shard is
+  shorter serves padding batches (weight 0) at the end."""
+  return sharding.max_over_processes(
+    pipeline.count_train_batches(examples, **layout)
   )

@@ -13,7 +13,7 @@ Contract the trainer and objectives rely on:
   and weights 0).
 * Documents longer than `seq_len` are split into pieces, never truncated or
   dropped; a finite run pads its last batch with all-padding rows instead of
-  dropping data.
+  dropping data (`count_train_batches` says how many batches that is).
 
 The train iterator is built with grain so that its position is a small JSON
 state (`get_state` / `set_state`) the trainer checkpoints and resumes from.
@@ -36,8 +36,10 @@ __all__ = [
   "causal_example",
   "clm_example",
   "count_tokens",
+  "count_train_batches",
   "make_eval_batches",
   "make_train_iter",
+  "padding_batch",
   "read_jsonl",
   "read_jsonl_files",
   "split_example",
@@ -204,7 +206,7 @@ def _stack_and_pad(
   return {k: np.stack([r[k] for r in rows]) for k in padding_row}
 
 
-def _build_dataset(
+def _rows(
   examples: Sequence[Example],
   *,
   seq_len: int,
@@ -217,8 +219,9 @@ def _build_dataset(
   shard_count: int,
   packing: bool,
   num_packing_bins: int | None,
-) -> grain.IterDataset:
-  """The grain graph shared by the train iterator and eval batches."""
+) -> tuple[grain.IterDataset, Example]:
+  """(the grain graph of rows, an all-padding row): `_build_dataset`'s
+  graph before batching."""
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   if not 0 <= shard_index < shard_count:
@@ -256,10 +259,16 @@ def _build_dataset(
       padding_struct=pad_values,
     )
     ds = ds.map(functools.partial(_from_packed, keys=keys))
+  return ds, _padding_row(proto, seq_len, pad_values)
+
+
+def _build_dataset(examples: Sequence[Example], **kw) -> grain.IterDataset:
+  """The grain graph shared by the train iterator and eval batches
+  (keyword arguments as `_rows`')."""
+  ds, padding_row = _rows(examples, **kw)
+  batch_size = kw["batch_size"]
   batch_fn = functools.partial(
-    _stack_and_pad,
-    batch_size=batch_size,
-    padding_row=_padding_row(proto, seq_len, pad_values),
+    _stack_and_pad, batch_size=batch_size, padding_row=padding_row
   )
   return ds.batch(batch_size, batch_fn=batch_fn)
 
@@ -312,6 +321,64 @@ def make_train_iter(
     num_packing_bins=num_packing_bins,
   )
   return iter(ds)
+
+
+def count_train_batches(
+  examples: Sequence[Example],
+  *,
+  seq_len: int,
+  batch_size: int,
+  seed: int,
+  num_epochs: int,
+  shuffle: bool = True,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  packing: bool = True,
+  num_packing_bins: int | None = None,
+) -> int:
+  """How many batches `make_train_iter` yields with the same arguments and
+  a finite `num_epochs`: this shard's rows over all epochs / `batch_size`,
+  rounded up (the last, partial batch is padded, never dropped).
+
+  Unpacked, a row is one piece, so this is arithmetic. Packed, the row
+  count depends on what the packer fits together (so on the shuffle), so
+  the packer runs over every epoch once, without batching: a host-side
+  pass over the data, like the run's own reading of it.
+  """
+  if num_epochs is None or num_epochs < 1:
+    raise ValueError(f"need a finite num_epochs >= 1, got {num_epochs}")
+  if not packing:
+    pieces = _pieces(examples, seq_len)[shard_index::shard_count]
+    return -(-len(pieces) * num_epochs // batch_size)
+  rows, _ = _rows(
+    examples,
+    seq_len=seq_len,
+    batch_size=batch_size,
+    seed=seed,
+    pad_id=0,  # values do not change how many rows there are
+    shuffle=shuffle,
+    num_epochs=num_epochs,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    packing=True,
+    num_packing_bins=num_packing_bins,
+  )
+  return -(-sum(1 for _ in rows) // batch_size)
+
+
+def padding_batch(
+  examples: Sequence[Example], *, seq_len: int, batch_size: int, pad_id: int
+) -> Batch:
+  """An all-padding batch shaped like the train batches of `examples`
+  (weights 0, segment ids 0): what a process whose shard has run out feeds
+  while the others finish theirs."""
+  for example in examples:
+    pieces = split_example(example, seq_len)
+    if pieces:
+      proto = pieces[0]
+      row = _padding_row(proto, seq_len, _pad_values(proto, pad_id))
+      return _stack_and_pad([], batch_size=batch_size, padding_row=row)
+  raise DataError("no examples (or only empty ones) to build batches from")
 
 
 def make_eval_batches(

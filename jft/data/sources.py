@@ -31,14 +31,29 @@ def state_dict(state) -> dict:
 
 class Static:
   """A source over prepared examples: the grain iterator; the train state
-  is not read."""
+  is not read.
 
-  def __init__(self, iterator):
+  A finite iterator (`data.num_epochs`) that runs out serves `padding` (an
+  all-padding batch, weight 0) from then on: with several processes, a
+  shard shorter than the longest one pads while the others finish theirs.
+  Without `padding`, running out is an error.
+  """
+
+  def __init__(self, iterator, padding: dict | None = None):
     self.iterator = iterator
+    self.padding = padding
 
   def next(self, state) -> tuple[dict, dict]:
     del state
-    return next(self.iterator), {}
+    try:
+      return next(self.iterator), {}
+    except StopIteration:
+      if self.padding is None:
+        raise pipeline.DataError(
+          "the training data ran out (config.data.num_epochs passes) "
+          "before config.total_steps"
+        ) from None
+      return self.padding, {}
 
   def get_state(self) -> dict:
     return self.iterator.get_state()

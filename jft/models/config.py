@@ -26,6 +26,10 @@ MLP_ACTS = ("silu", "gelu_tanh")
 LAYER_TYPES = ("full", "sliding")
 HEADS = ("lm", "score", "lm+value")
 
+# The fused LM head's chunk: at most this many float32 logits (tokens x
+# vocab) at once, 256 MiB; ref-5M's whole batch (2048 x 4096) is one chunk.
+LOGITS_CHUNK = 2**26
+
 REMAT_POLICIES = {
   "none": None,
   "full": jax.checkpoint_policies.nothing_saveable,
@@ -40,7 +44,13 @@ class TransformerConfig:
 
   `dtype` is the compute dtype (activations and kernels are cast to it),
   `param_dtype` the storage dtype. `remat` is one of 'none', 'full', 'dots',
-  'dots_no_batch' (jax.checkpoint_policies applied per block). `family`
+  'dots_no_batch' (jax.checkpoint_policies applied per block).
+  `logits_chunk` > 0: losses that need only the targets' log-probs (CLM,
+  SFT, MLM) run the LM head fused with the log-softmax
+  (`jft.models.head_loss`), holding at most this many float32 logits
+  (tokens x vocab, over the global batch) at once; 0: full [B, T, V]
+  logits, as `__call__` without targets returns them. Same numbers either
+  way (to float rounding). `family`
   names the Hugging Face architecture the model exports as. `layer_types`
   gives each layer 'full' or 'sliding' attention; empty means every layer
   slides when `sliding_window` is set (Mistral), else none does.
@@ -78,6 +88,7 @@ class TransformerConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True
   remat: str = "none"
+  logits_chunk: int = LOGITS_CHUNK
   peft: peft_options.PeftOptions = peft_options.NONE
 
   def __post_init__(self):
@@ -113,6 +124,10 @@ class TransformerConfig:
         raise ValueError(
           f"{name} must be one of {_DTYPES}, got {getattr(self, name)!r}"
         )
+    if not isinstance(self.logits_chunk, int) or self.logits_chunk < 0:
+      raise ValueError(
+        f"logits_chunk must be an int >= 0, got {self.logits_chunk!r}"
+      )
     if self.remat not in REMAT_POLICIES:
       raise ValueError(
         f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}"

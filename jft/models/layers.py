@@ -2,7 +2,9 @@
 
 Every projection in the model is a `Linear`, so LoRA adapters and quantized
 kernels (jft/peft) only ever need to change this one module: `_kernel()` is
-the seam that returns the float kernel the matmul uses.
+the seam that returns the float kernel the matmul uses. Its matmuls (the
+kernel's and LoRA's A and B) are `jft.models.matmul.dense`: autodiff's
+numbers with a backward pass in the dot layouts XLA:CPU runs fast.
 
 Init: kernels and embeddings use a plain (untruncated) normal with
 stddev 0.02, as Hugging Face's `initializer_range`; biases are zeros and norm
@@ -15,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jft.models import matmul
 from jft.peft import quant
 from jft.peft.options import PeftOptions
 
@@ -63,6 +66,10 @@ class Linear(nn.Module):
   peft: PeftOptions = PeftOptions()
   deterministic: bool = True
 
+  @property
+  def _quantized(self) -> bool:
+    return self.peft.quantized("/".join(self.path) + "/kernel")
+
   def _kernel(self, in_features: int) -> jax.Array:
     """The kernel [in, out] in the compute dtype: float, or 4-bit dequantized.
 
@@ -73,7 +80,7 @@ class Linear(nn.Module):
     """
     p = self.peft
     path = "/".join(self.path)
-    if not p.quantized(f"{path}/kernel"):
+    if not self._quantized:
       kernel = self.param(
         "kernel",
         nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
@@ -125,19 +132,29 @@ class Linear(nn.Module):
     )  # [r, out]
     if p.lora_dropout > 0:
       x = nn.Dropout(p.lora_dropout)(x, deterministic=self.deterministic)
-    h = x.astype(self.dtype) @ a.astype(self.dtype)  # [..., r]
-    y = h @ b.astype(self.dtype)  # [..., out]
+    h = matmul.dense(x.astype(self.dtype), a.astype(self.dtype))  # [..., r]
+    y = matmul.dense(h, b.astype(self.dtype))  # [..., out]
     return (p.lora_scale * y).astype(out_dtype)
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, head_fn=None) -> jax.Array:
+    """`x [..., in] -> [..., out]`; see the class docstring.
+
+    `head_fn(x, kernel, kernel_grad)`, when given, replaces the matmul: it
+    gets x and the kernel [in, out] in the compute dtype, and whether the
+    kernel takes gradients (not a 4-bit one), and its result is returned as
+    is. The LM head's fused loss uses it, so that [..., vocab] logits are
+    never formed. Not with a bias or LoRA.
+    """
     out_dtype = self.out_dtype or self.dtype
     kernel = self._kernel(x.shape[-1])  # [in, out]
-    y = jax.lax.dot_general(
-      x.astype(self.dtype),
-      kernel,
-      (((x.ndim - 1,), (0,)), ((), ())),
-      preferred_element_type=out_dtype,
+    frozen = self._quantized  # 4-bit codes: no gradient to give the kernel
+    if head_fn is not None:
+      if self.use_bias or self.peft.lora_on("/".join(self.path)):
+        raise ValueError(f"{self.path}: head_fn with a bias or LoRA")
+      return head_fn(x.astype(self.dtype), kernel, not frozen)
+    y = matmul.dense(
+      x.astype(self.dtype), kernel, out_dtype, w_grad=not frozen
     )  # [..., out]
     if self.use_bias:
       bias = self.param(
@@ -175,12 +192,14 @@ class Embed(nn.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     """Tied logits `x @ embedding.T`, accumulated in float32."""
-    return jnp.einsum(
-      "btd,vd->btv",
-      x.astype(self.dtype),
-      self.embedding.astype(self.dtype),
-      preferred_element_type=jnp.float32,
+    table = self.embedding.astype(self.dtype)  # [V, D]
+    return matmul.dense(
+      x.astype(self.dtype), table, jnp.float32, transpose_w=True
     )  # [B, T, V]
+
+  def table(self) -> jax.Array:
+    """The embedding [V, D] in the compute dtype (a tied head's kernel)."""
+    return self.embedding.astype(self.dtype)
 
 
 class RMSNorm(nn.Module):

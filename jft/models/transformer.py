@@ -16,6 +16,11 @@ MLP; final RMSNorm; tied or untied LM head. What the families add:
   Gemma 3     q/k norm, and a separate RoPE base for sliding layers
               (`rope_local_theta`); global layers keep `rope_scaling`
 
+Given `targets`, the forward returns each target's log-prob instead of
+logits (`head_loss.TokenScores`), through the LM head fused with the
+log-softmax: CLM, SFT and MLM losses hold at most `config.logits_chunk`
+float32 logits (and their gradient) at a time, never [B, T, V] log-probs.
+
 Inputs may be packed: tokens attend only within their segment (segment id 0
 = padding), and RoPE uses the `positions` input, which restarts per packed
 document. With a KV cache (`init_cache`), the same forward appends the new
@@ -32,6 +37,7 @@ is `layers_0 ...` without the leading L axis.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 
@@ -40,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jft.models import layers, rope
+from jft.models import head_loss, layers, rope
 from jft.models.config import (  # noqa: F401 (re-exported: the model's API)
   FAMILIES,
   REMAT_POLICIES,
@@ -306,10 +312,15 @@ class Transformer(nn.Module):
     *,
     deterministic: bool = True,
     cache: Mapping[str, jax.Array] | None = None,
+    targets: jax.Array | None = None,
   ):
     """`deterministic=False` enables LoRA dropout (needs a 'dropout' rng).
 
-    With `cache` (see `init_cache`) returns `(logits, new_cache)`.
+    With `cache` (see `init_cache`) returns `(logits, new_cache)`. With
+    `targets` [B, T] the LM output is `head_loss.TokenScores` (each
+    target's float32 log-prob and whether it is the argmax) instead of
+    logits: through the fused chunked head when `config.logits_chunk` > 0
+    (at most that many logits at once), else from the plain logits.
     """
     cfg = self.config
     b, t = tokens.shape
@@ -365,9 +376,14 @@ class Transformer(nn.Module):
 
     x = _norm(cfg, "final_norm")(x)
     if cfg.head == "score":
+      if targets is not None:
+        raise ValueError("targets: the 'score' head has no LM logits")
       out = _scalar_head(cfg, "score", x)  # [B, T]
     else:
-      out = self._lm_head(embed, x, deterministic)  # [B, T, V]
+      if targets is None:
+        out = self._lm_head(embed, x, deterministic)  # [B, T, V]
+      else:
+        out = self._target_scores(embed, x, targets, deterministic)
       if cfg.head == "lm+value":
         out = (out, _scalar_head(cfg, "value_head", x))  # + [B, T]
     if cache is None:
@@ -380,21 +396,48 @@ class Transformer(nn.Module):
     }
     return out, new_cache
 
+  def _head(self, deterministic):
+    return _linear(
+      self.config,
+      self.config.vocab_size,
+      ("embed", "vocab"),
+      "lm_head",
+      det=deterministic,
+      out_dtype=jnp.float32,
+    )
+
+  def _target_scores(self, embed, x, targets, deterministic):
+    """TokenScores of `targets` [B, T]: fused and chunked, or plain."""
+    cfg = self.config
+    lora_head = cfg.peft.lora_on("lm_head")
+    if not cfg.logits_chunk or (lora_head and not cfg.tie_embeddings):
+      logits = self._lm_head(embed, x, deterministic)  # [B, T, V]
+      return head_loss.plain_token_logps(logits, targets)
+    fused = functools.partial(
+      head_loss.chunked_token_logps,
+      targets=targets,
+      chunk=max(1, cfg.logits_chunk // cfg.vocab_size),  # tokens
+      softcap=cfg.final_softcap,
+      # The logits' gradient meets the kernel in the compute dtype (f32
+      # accumulation), as under torch.autocast: bf16 runs keep the head's
+      # backward dots on the CPU's bf16 units (tests/test_fastpath.py
+      # bounds the error against the float32 model).
+      grad_dtype=cfg.compute_dtype,
+    )
+    if cfg.tie_embeddings:
+      x = x.astype(cfg.compute_dtype)
+      return fused(x, embed.table(), transposed=True)
+    return self._head(deterministic)(
+      x, head_fn=lambda x, w, w_grad: fused(x, w, w_grad=w_grad)
+    )
+
   def _lm_head(self, embed, x, deterministic):
     """float32 logits [B, T, V] (tied or not, soft-capped where set)."""
     cfg = self.config
     if cfg.tie_embeddings:
       logits = embed.attend(x)  # [B, T, V]
     else:
-      head = _linear(
-        cfg,
-        cfg.vocab_size,
-        ("embed", "vocab"),
-        "lm_head",
-        det=deterministic,
-        out_dtype=jnp.float32,
-      )
-      logits = head(x)  # [B, T, V] float32
+      logits = self._head(deterministic)(x)  # [B, T, V] float32
     if cfg.final_softcap:
       cap = cfg.final_softcap
       logits = jnp.tanh(logits / cap) * cap

@@ -21,6 +21,18 @@ REGISTRY = {
   "kto": "jft.objectives.kto:KTO",
 }
 
+# How a run of each objective is called on the console (stage banners).
+TITLES = {
+  "clm": "pretraining",
+  "sft": "SFT",
+  "dpo": "DPO",
+  "mlm": "MLM pretraining",
+  "reward": "reward model",
+  "ppo": "PPO",
+  "grpo": "GRPO",
+  "kto": "KTO",
+}
+
 
 def get(name: str):
   """Returns the objective class registered under `name`."""

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from jft.models import head_loss
 from jft.peft import lora
 from jft.state import flat_paths, model_params
 
@@ -130,14 +131,20 @@ class Reference:
 def token_cross_entropy(
   logits: jax.Array, targets: jax.Array, weights: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Weighted token CE in float32.
+  """Weighted token CE in float32, from logits [B, T, V].
 
   Returns (ce_sum, weight_sum, correct_sum) over all tokens.
   """
-  logits = logits.astype(jnp.float32)  # [B, T, V]
-  logp = jax.nn.log_softmax(logits, axis=-1)  # [B, T, V]
-  tgt_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  scores = head_loss.plain_token_logps(logits, targets)
+  return scores_cross_entropy(scores, weights)
+
+
+def scores_cross_entropy(
+  scores: head_loss.TokenScores, weights: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`token_cross_entropy` from the model's TokenScores (a forward given
+  `targets`): (ce_sum, weight_sum, correct_sum)."""
   weights = weights.astype(jnp.float32)  # [B, T]
-  ce_sum = -jnp.sum(tgt_logp * weights)
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  ce_sum = -jnp.sum(scores.logp * weights)
+  correct = scores.correct.astype(jnp.float32)  # [B, T]
   return ce_sum, jnp.sum(weights), jnp.sum(correct * weights)

@@ -23,15 +23,14 @@ class CLM(base.Objective):
 
   def loss(self, apply_fn, params, batch, rng, train, ref=None):
     chex.assert_rank(batch["inputs"], 2)
-    logits = apply_fn(
+    scores = apply_fn(
       params,
       batch["inputs"],
       batch["positions"],
       batch["segment_ids"],
       rng=rng,
       train=train,
-    )  # [B, T, V]
-    ce, w, correct = base.token_cross_entropy(
-      logits, batch["targets"], batch["weights"]
-    )
+      targets=batch["targets"],
+    )  # TokenScores [B, T]: no [B, T, V] logits with model.logits_chunk
+    ce, w, correct = base.scores_cross_entropy(scores, batch["weights"])
     return ce, w, {"accuracy": (correct, w)}

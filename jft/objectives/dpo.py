@@ -148,6 +148,81 @@ def pair_ids(tok, prompt: str, chosen: str, rejected: str):
   return p_c[:k], p_c[k:] + c, p_r[k:] + r
 
 
+def fit_pairs(
+  records,
+  tok,
+  template,
+  *,
+  limit: int,
+  limit_name: str,
+  truncation: str,
+  on_invalid: str,
+  where: str,
+  stats: dict,
+  split: str,
+  build,
+  parse=lambda rec: None,
+) -> list:
+  """Tokenized preference pairs, shared by DPO and the reward model.
+
+  Each record is split into (prompt, chosen, rejected) and `parse(rec)`
+  reads any extra field (a DataError from either is skipped and counted
+  with `on_invalid='skip'`, else raised). A pair whose prompt plus longer
+  completion exceeds `limit` tokens loses prompt tokens from the left
+  (`truncation='truncate_prompt'`) or is skipped; the counts go to
+  `stats` as `data/{split}_*` and are printed, so nothing is lost
+  silently. `build(rec, prompt_ids, chosen_ids, rejected_ids, extra)`
+  makes the example.
+  """
+  out, counts = [], {"truncated": 0, "skipped": 0, "invalid": 0}
+  for rec in records:
+    try:
+      p, c, j = split_pair(rec, template)
+      extra = parse(rec)
+    except DataError:
+      if on_invalid != "skip":
+        raise
+      counts["invalid"] += 1
+      continue
+    # The tokenizer's template writes bos and end-of-turn itself.
+    templated = not isinstance(template, dict) and isinstance(
+      rec["chosen"], list
+    )
+    prefix = [] if templated else tok.bos_prefix
+    eos = [] if templated else [tok.eos_id]
+    p_ids, c_ids, j_ids = pair_ids(tok, p, c, j)
+    p_ids = prefix + p_ids
+    comps = [c_ids + eos, j_ids + eos]
+    longest = max(comps, key=len)
+    ids, _, status = fit(
+      p_ids + longest,
+      [0.0] * len(p_ids) + [1.0] * len(longest),
+      limit,
+      truncation,
+      sft.kept_prefix(p_ids, tok),
+    )
+    if status == "skipped":
+      counts["skipped"] += 1
+      continue
+    if status == "truncated":
+      counts["truncated"] += 1
+      p_ids = ids[: len(ids) - len(longest)]
+    out.append(build(rec, p_ids, *comps, extra))
+  for k, v in counts.items():
+    stats[f"data/{split}_{k}"] = v
+  stats[f"data/{split}_pairs"] = len(out)
+  if any(counts.values()):
+    print(
+      f"{where}: of {len(records)} pairs, {counts['truncated']} had their "
+      f"prompt truncated, {counts['skipped']} were skipped as longer than "
+      f"{limit_name} = {limit} tokens, {counts['invalid']} were invalid and "
+      "skipped"
+    )
+  if not out:
+    raise DataError(f"{where}: no usable pairs")
+  return out
+
+
 def pair_example(prompt_ids, chosen_ids, rejected_ids, mask="full"):
   """One pair as a pipeline example; rejected in `rej_*` fields.
 
@@ -229,53 +304,20 @@ class DPO(base.Objective):
 
   # Host side -------------------------------------------------------------
   def make_examples(self, records, split="train"):
-    tok, seq = self.tokenizer, self.config.seq_len
-    out, counts = [], {"truncated": 0, "skipped": 0, "invalid": 0}
-    for r in records:
-      try:
-        p, c, j = split_pair(r, self.template)
-      except DataError:
-        if self.config.dpo.on_invalid != "skip":
-          raise
-        counts["invalid"] += 1
-        continue
-      # The tokenizer's template writes bos and end-of-turn itself.
-      templated = not isinstance(self.template, dict) and isinstance(
-        r["chosen"], list
-      )
-      prefix = [] if templated else tok.bos_prefix
-      eos = [] if templated else [tok.eos_id]
-      p_ids, c_ids, j_ids = pair_ids(tok, p, c, j)
-      p_ids = prefix + p_ids
-      comps = [c_ids + eos, j_ids + eos]
-      longest = max(comps, key=len)
-      ids, mask, status = fit(
-        p_ids + longest,
-        [0.0] * len(p_ids) + [1.0] * len(longest),
-        seq + 1,
-        self.config.dpo.truncation,
-        sft.kept_prefix(p_ids, tok),
-      )
-      if status == "skipped":
-        counts["skipped"] += 1
-        continue
-      if status == "truncated":
-        counts["truncated"] += 1
-        p_ids = ids[: len(ids) - len(longest)]
-      out.append(pair_example(p_ids, *comps, mask=self.config.dpo.mask))
-    for k, v in counts.items():
-      self.data_stats[f"data/{split}_{k}"] = v
-    self.data_stats[f"data/{split}_pairs"] = len(out)
-    if any(counts.values()):
-      print(
-        f"dpo {split}: of {len(records)} pairs, {counts['truncated']} had "
-        f"their prompt truncated, {counts['skipped']} were skipped as "
-        f"longer than seq_len + 1 = {seq + 1} tokens, {counts['invalid']} "
-        "were invalid and skipped"
-      )
-    if not out:
-      raise DataError(f"dpo {split}: no usable pairs")
-    return out
+    d = self.config.dpo
+    return fit_pairs(
+      records,
+      self.tokenizer,
+      self.template,
+      limit=self.config.seq_len + 1,  # shifted: inputs and targets
+      limit_name="seq_len + 1",
+      truncation=d.truncation,
+      on_invalid=d.on_invalid,
+      where=f"dpo {split}",
+      stats=self.data_stats,
+      split=split,
+      build=lambda rec, p, c, j, extra: pair_example(p, c, j, mask=d.mask),
+    )
 
   def reference_params(self, params, trainable):
     """A frozen copy ('copy'), or the starting values of any non-adapter

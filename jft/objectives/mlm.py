@@ -169,14 +169,15 @@ class MLM(base.Objective):
     chex.assert_rank(batch["inputs"], 2)
     mask_rng, model_rng = jax.random.split(rng)
     inputs, selected = self.corrupt(batch, mask_rng)  # [B, T]
-    logits = apply_fn(
+    scores = apply_fn(
       params,
       inputs,
       batch["positions"],
       batch["segment_ids"],
       rng=model_rng,
       train=train,
-    )  # [B, T, V]
+      targets=batch["targets"],
+    )  # TokenScores [B, T]
     weights = batch["weights"] * selected  # [B, T]
-    ce, w, correct = base.token_cross_entropy(logits, batch["targets"], weights)
+    ce, w, correct = base.scores_cross_entropy(scores, weights)
     return ce, w, {"masked_accuracy": (correct, w)}

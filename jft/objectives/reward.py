@@ -152,54 +152,21 @@ class RewardModel(base.Objective):
   def make_examples(self, records, split="train"):
     """Pairs tokenized as DPO's; a pair longer than `seq_len` tokens loses
     prompt tokens from the left ('truncate_prompt') or is skipped."""
-    tok, seq, cfg = self.tokenizer, self.config.seq_len, self.config.reward
-    out, counts = [], {"truncated": 0, "skipped": 0, "invalid": 0}
-    for rec in records:
-      try:
-        p, c, j = dpo.split_pair(rec, self.template)
-        margin = margin_of(rec)
-      except DataError:
-        if cfg.on_invalid != "skip":
-          raise
-        counts["invalid"] += 1
-        continue
-      # The tokenizer's template writes bos and end-of-turn itself.
-      templated = not isinstance(self.template, dict) and isinstance(
-        rec["chosen"], list
-      )
-      prefix = [] if templated else tok.bos_prefix
-      eos = [] if templated else [tok.eos_id]
-      p_ids, c_ids, j_ids = dpo.pair_ids(tok, p, c, j)
-      p_ids = prefix + p_ids
-      comps = [c_ids + eos, j_ids + eos]
-      longest = max(comps, key=len)
-      ids, _, status = sft.fit(
-        p_ids + longest,
-        [0.0] * len(p_ids) + [1.0] * len(longest),
-        seq,  # unshifted: the whole sequence is the input
-        cfg.truncation,
-        sft.kept_prefix(p_ids, tok),
-      )
-      if status == "skipped":
-        counts["skipped"] += 1
-        continue
-      if status == "truncated":
-        counts["truncated"] += 1
-        p_ids = ids[: len(ids) - len(longest)]
-      out.append(pair_example(p_ids, *comps, margin, tok.pad_id))
-    for k, v in counts.items():
-      self.data_stats[f"data/{split}_{k}"] = v
-    self.data_stats[f"data/{split}_pairs"] = len(out)
-    if any(counts.values()):
-      print(
-        f"reward {split}: of {len(records)} pairs, {counts['truncated']} "
-        f"had their prompt truncated, {counts['skipped']} were skipped as "
-        f"longer than seq_len = {seq} tokens, {counts['invalid']} were "
-        "invalid and skipped"
-      )
-    if not out:
-      raise DataError(f"reward {split}: no usable pairs")
-    return out
+    cfg, pad = self.config.reward, self.tokenizer.pad_id
+    return dpo.fit_pairs(
+      records,
+      self.tokenizer,
+      self.template,
+      limit=self.config.seq_len,  # unshifted: the whole sequence is input
+      limit_name="seq_len",
+      truncation=cfg.truncation,
+      on_invalid=cfg.on_invalid,
+      where=f"reward {split}",
+      stats=self.data_stats,
+      split=split,
+      parse=margin_of,
+      build=lambda rec, p, c, j, margin: pair_example(p, c, j, margin, pad),
+    )
 
   # Pure side -------------------------------------------------------------
   def rewards(self, apply_fn, params, batch, rng=None, train=False):

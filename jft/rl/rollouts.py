@@ -6,7 +6,7 @@ minibatch; when the current rollout is used up it makes a new one with the
 policy in `state`:
 
   1. takes `rl.prompts_per_rollout` prompts (a seeded pass over the pool),
-     each `group_size` times (1 for PPO, `grpo.num_generations` for GRPO);
+     each `group_size` times (`ppo.num_generations`, `grpo.num_generations`);
   2. samples completions with the KV-cache decoder (`rl.temperature`,
      `top_k`, `top_p`, `max_new_tokens`), outside any jitted update;
   3. scores them (`jft.rl.rewards`), and runs the policy (old log-probs,
@@ -275,65 +275,94 @@ class Rollouts:
 
   # --------------------------------------------------------- reward model
   def _reward_model_fn(self):
-    """Scores from `config.rl.reward_model` (a jft run with a score head)."""
     path = self.config.rl.reward_model
     if not path:
       return None
-    from jft import checkpoint
-    from jft.data import tokenizer as tokenizers
+    return reward_model_scorer(path, self.tok, self.config.seq_len, self.mesh)
 
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
-      cfg = transformer.config_from_dict(json.load(fh)["model"])
-    if cfg.head != "score":
-      raise ValueError(
-        f"config.rl.reward_model={path!r} is not a reward model "
-        f"(model.head={cfg.head!r}; train one with configs/reward.py)"
-      )
-    if tokenizers.load_tokenizer_dir(path).files != self.tok.files:
-      raise ValueError(
-        f"config.rl.reward_model={path!r} uses another tokenizer than the "
-        "policy; they must share one"
-      )
-    mesh = self.mesh or sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-    params = checkpoint.load_params(path, mesh)
-    if cfg.peft.active:
-      from jft.peft import lora
 
-      params = jax.tree.map(np.asarray, lora.merge(params, cfg))
-      cfg = lora.base_config(cfg)
-    model = transformer.Transformer(cfg)
+def score_rows(sequences, width: int, pad_id: int) -> dict:
+  """Right-padded [N, width] rows of whole sequences (unshifted: a reward
+  model reads every token, the final eos included, as input)."""
+  n = len(sequences)
+  out = {
+    "inputs": np.full((n, width), pad_id, np.int32),
+    "positions": np.zeros((n, width), np.int32),
+    "segment_ids": np.zeros((n, width), np.int32),
+  }
+  for i, seq in enumerate(sequences):
+    if len(seq) > width:
+      raise ValueError(f"a sequence of {len(seq)} tokens exceeds {width}")
+    out["inputs"][i, : len(seq)] = seq
+    out["positions"][i, : len(seq)] = np.arange(len(seq))
+    out["segment_ids"][i, : len(seq)] = 1
+  return out
 
-    @jax.jit
-    def scores(p, batch):
-      s = model.apply(
-        {"params": p},
-        batch["inputs"],
-        batch["positions"],
-        batch["segment_ids"],
-      )  # [N, T]
-      last = jnp.maximum(jnp.sum(batch["segment_ids"] > 0, -1) - 1, 0)
-      return jnp.take_along_axis(s, last[:, None], -1)[:, 0]  # [N]
 
-    tok, seq_len = self.tok, self.config.seq_len
+def reward_model_scorer(path: str, tok, seq_len: int, mesh=None):
+  """The 'reward_model' reward function: a jft reward model's score (run
+  directory `path`, `model.head='score'`) of `[bos] + prompt + completion +
+  [eos]`, read at the eos, the token the reward model was trained to score
+  at. Rows are `seq_len + 1` wide: a rollout row holds that many tokens."""
+  from jft import checkpoint
+  from jft.data import tokenizer as tokenizers
 
-    def reward(rows, completions, stopped):
-      del stopped
-      prompts = [list(tok.bos_prefix) + tok.encode(r["prompt"]) for r in rows]
-      comps = [tok.encode(c) + [tok.eos_id] for c in completions]
-      batch = pack_rows(prompts, comps, seq_len, tok.pad_id)
-      return np.asarray(sharding.to_host(scores(params, batch))).tolist()
+  with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
+    cfg = transformer.config_from_dict(json.load(fh)["model"])
+  if cfg.head != "score":
+    raise ValueError(
+      f"config.rl.reward_model={path!r} is not a reward model "
+      f"(model.head={cfg.head!r}; train one with configs/reward.py)"
+    )
+  if tokenizers.load_tokenizer_dir(path).files != tok.files:
+    raise ValueError(
+      f"config.rl.reward_model={path!r} uses another tokenizer than the "
+      "policy; they must share one"
+    )
+  mesh = mesh or sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+  params = checkpoint.load_params(path, mesh)
+  if cfg.peft.active:
+    from jft.peft import lora
 
-    return reward
+    params = jax.tree.map(np.asarray, lora.merge(params, cfg))
+    cfg = lora.base_config(cfg)
+  model = transformer.Transformer(cfg)
+
+  @jax.jit
+  def scores(p, batch):
+    s = model.apply(
+      {"params": p},
+      batch["inputs"],
+      batch["positions"],
+      batch["segment_ids"],
+    )  # [N, T]
+    last = jnp.maximum(jnp.sum(batch["segment_ids"] > 0, -1) - 1, 0)
+    return jnp.take_along_axis(s, last[:, None], -1)[:, 0]  # [N]
+
+  def reward(rows, completions, stopped):
+    del stopped
+    seqs = [
+      list(tok.bos_prefix) + tok.encode(r["prompt"]) + tok.encode(c)
+      for r, c in zip(rows, completions, strict=True)
+    ]
+    seqs = [q + [tok.eos_id] for q in seqs]
+    batch = score_rows(seqs, seq_len + 1, tok.pad_id)
+    return np.asarray(sharding.to_host(scores(params, batch))).tolist()
+
+  return reward
 
 
 class PPORollouts(Rollouts):
   """PPO: per-token KL penalty to the reference, the score at the last
-  completion token, GAE over the completion, whitened advantages."""
+  completion token, GAE over the completion, whitened advantages. With
+  `ppo.num_generations` G > 1 each prompt is sampled G times and each score
+  has the mean of its prompt's other samples subtracted (RLOO) before GAE."""
 
   needs_values = True
 
-  def __init__(self, *args, **kwargs):
-    super().__init__(*args, **kwargs)
+  def __init__(self, config, *args, **kwargs):
+    self.group_size = config.ppo.num_generations
+    super().__init__(config, *args, **kwargs)
     self.kl_coef = self.config.ppo.kl_coef
 
   def get_state(self) -> dict:
@@ -342,6 +371,15 @@ class PPORollouts(Rollouts):
   def set_state(self, state) -> None:
     super().set_state(state)
     self.kl_coef = sources.state_dict(state)["kl_coef"]
+
+  def next(self, state) -> tuple[dict, dict]:
+    """As the base source; during `ppo.critic_warmup_steps` the policy's
+    advantages are zero, so only the critic (value loss) learns."""
+    batch, metrics = super().next(state)
+    step = self.round * len(self.order) + self.pos - 1  # this minibatch's
+    if step < self.config.ppo.critic_warmup_steps:
+      batch = {**batch, "advantages": np.zeros_like(batch["advantages"])}
+    return batch, metrics
 
   def _finish(self, batch, stats, scores, metrics) -> dict:
     p = self.config.ppo
@@ -355,6 +393,9 @@ class PPORollouts(Rollouts):
       ends = batch["targets"][np.arange(len(mask)), last]
       no_eos = ~np.isin(ends, list(self.tok.eos_ids))
       score = score - p.missing_eos_penalty * no_eos
+    raw = score
+    if self.group_size > 1:  # the prompt's level: RLOO baseline
+      score = np.asarray(losses.leave_one_out(score, self.group_size))
     rewards[np.arange(len(mask)), last] += np.where(stopped, score, 0.0)
     adv, ret = losses.gae(
       jnp.asarray(rewards),
@@ -373,7 +414,7 @@ class PPORollouts(Rollouts):
         ),
         "objective/non_score_reward": float(-self.kl_coef * seq_kl.mean()),
         "objective/rlhf_reward": float(
-          score.mean() - self.kl_coef * seq_kl.mean()
+          raw.mean() - self.kl_coef * seq_kl.mean()
         ),
         "objective/kl_coef": float(self.kl_coef),
       }
