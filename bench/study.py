@@ -29,16 +29,21 @@ table and verdict) and OUT/study.json. A verdict is decided by the fixed
 rules in `verdict_*` (tolerance `TOL` nats), printed with its numbers; this
 is a measurement, never a pass/fail test.
 
-`--quick` shrinks every grid to two points and a few steps, for a smoke run
-of the plumbing (each point is still a whole `jft.main` process: ~25 s of
-CPU for imports and compiles). Child runs share a JAX compilation cache in
-OUT/jax_cache (`--jax_cache=` to turn it off).
+`--quick` shrinks every grid to two points and a few steps (default out
+runs/study-quick), for a smoke run of the plumbing. Each point is still a
+whole `jft.main` process, ~25 s of CPU for imports and compiles, so
+`--quick --claims 1` takes ~50 s of CPU and all four claims ~3.5 min. The
+full study took 17 min of CPU on a 2-vCPU Xeon (README, "What the four
+hyperparameters do"). Child runs share a JAX compilation cache in
+OUT/jax_cache (`--jax_cache=` to turn it off). Time each part took when it
+ran is kept in OUT/timing.json and shown in study.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import math
 import os
@@ -58,6 +63,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_util import cpu_name  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from jft import errors, plot, results, sweep  # noqa: E402
 from jft.data import tasks  # noqa: E402
@@ -814,7 +820,14 @@ def _line(ax, run_value, i, x, y, **kw):
 
 
 def _save(fig: Figure, path: str) -> str:
-  fig.savefig(path + ".tmp", format="png", dpi=80)
+  """A palette PNG (a third of the bytes: these figures get committed)."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=80)
+  buf.seek(0)
+  with Image.open(buf) as im:
+    im.convert("RGB").quantize(colors=256).save(
+      path + ".tmp", format="PNG", optimize=True
+    )
   os.replace(path + ".tmp", path)
   return path
 
@@ -844,7 +857,8 @@ def figure(claim: int, runs: Sequence[Run], path: str) -> str:
       k = sorted({q.value for q in runs}).index(r.value)
       ls = ("-", "--", ":", "-.")[lrs.index(r.group) % 4]
       _line(axes[0], name, k, s / per, v, ls=ls)
-      _line(axes[1], name, k, es / per, ev, marker="o", ms=3, ls=ls)
+      keep = es > 0  # log x; the start is the grey line
+      _line(axes[1], name, k, es[keep] / per, ev[keep], marker="o", ms=3, ls=ls)
     elif claim == 4:
       _line(axes[0], name, i, es, ev, marker="o", ms=3)
   if claim == 1:
@@ -881,7 +895,8 @@ def figure(claim: int, runs: Sequence[Run], path: str) -> str:
         )
     start = [r.at("eval/loss", 0) for r in runs if r.ok]
     if start and math.isfinite(start[0]):
-      axes[2].axhline(start[0], color="0.5", lw=0.8, label="eval at start")
+      for ax in axes[1:]:
+        ax.axhline(start[0], color="0.5", lw=0.8, label="eval at start")
     axes[2].set(title="train (last epoch) and eval loss", xlabel="epochs")
     axes[2].set_xscale("log")
   elif claim == 4:
