@@ -216,7 +216,7 @@ def test_frozen_kernel_backward_computes_no_weight_grad():
   w = jnp.ones((8, 6))
 
   def grad_x(w_grad):  # d/dx only, as for a frozen kernel
-    f = lambda x, w: jnp.sum(matmul.dense(x, w, w_grad=w_grad))
+    f = lambda x, w: jnp.sum(matmul.dense(x, w, w_grad=w_grad) ** 2)
     return jax.grad(f)
 
   assert _dots(grad_x(True), x, w) == 3  # y, dx and dw (dw unused)
