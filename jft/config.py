@@ -173,7 +173,9 @@ def base_config() -> ml_collections.ConfigDict:
       # on; the rejected side only that token, its error).
       mask="full",
       # Full fine-tuning reference: False = a frozen copy in the state;
-      # True = log-probs computed once before training. (LoRA/QLoRA always
+      # True = log-probs computed once before training and cached on disk
+      # (STAGE_CACHE/ref_logps, keyed by the weights and the data: reruns
+      # and resumes reuse them; jft/data/refcache.py). (LoRA/QLoRA always
       # use the base with adapters off; simpo/orpo need no reference.)
       precompute_ref=False,
       truncation="truncate_prompt",  # or 'skip'; counted and reported

@@ -191,9 +191,14 @@ def sequence_logps(logits, targets, weights):
   Weights select completion tokens (prompt and padding carry 0). Returns
   (sums [N], token counts [N]), both float32.
   """
+  return row_logps(token_logps(logits, targets), weights)
+
+
+def row_logps(token_logp, weights):
+  """`sequence_logps` from per-token log-probs [N, T] (e.g. the fused LM
+  head's `TokenScores.logp`, which never builds [N, T, V] logits)."""
   w = _f32(weights)  # [N, T]
-  tok = token_logps(logits, targets)  # [N, T]
-  return jnp.sum(tok * w, axis=-1), jnp.sum(w, axis=-1)
+  return jnp.sum(_f32(token_logp) * w, axis=-1), jnp.sum(w, axis=-1)
 
 
 # ------------------------------------------------------------- reward model

@@ -258,10 +258,12 @@ def _losses(workdir):
   return [r["train/loss"] for r in rows if "train/loss" in r], rows
 
 
-def test_full_ft_reference_copy_equals_precomputed(suite_dir, tmp_path):
-  """Both references are the initial policy: identical training."""
+def test_full_ft_reference_copy_equals_precomputed(suite_dir, tmp_path, capsys):
+  """Both references are the initial policy: identical training. A rerun
+  reads the precomputed log-probs from the cache (jft.data.refcache) and
+  trains exactly as the run that computed them."""
   runs = {}
-  for pre in (False, True):
+  for pre in (False, True, "again"):
     config = tiny_config(
       suite_dir,
       config_file="configs/dpo.py",
@@ -269,13 +271,24 @@ def test_full_ft_reference_copy_equals_precomputed(suite_dir, tmp_path):
       eval_every=2,
       checkpoint_every=2,
     )
-    config.dpo.precompute_ref = pre
+    config.dpo.precompute_ref = bool(pre)
+    config.stage_cache = str(tmp_path / "cache")
     config.dpo.rpo_alpha = 0.0  # so the first loss is exactly log 2
     config.sft.max_eval_generations = 8
     config.sft.max_new_tokens = 4
+    capsys.readouterr()
     train.run(config, str(tmp_path / f"p{pre}"))
     runs[pre] = _losses(str(tmp_path / f"p{pre}"))
+    said = capsys.readouterr().out
+    if pre is True:
+      assert said.count("reference log-probs (") == 2  # train, eval
+      assert "cached in" in said
+    elif pre == "again":
+      assert said.count("reference log-probs (") == 2
+      assert "cached in" not in said and "ref_logps" in said
   np.testing.assert_allclose(runs[False][0], runs[True][0], rtol=1e-5)
+  assert runs["again"][0] == runs[True][0]
+  assert len(os.listdir(tmp_path / "cache" / "ref_logps")) == 2
   assert runs[False][0][0] == pytest.approx(math.log(2), abs=1e-4)
   # policy == reference at step 0: exactly for the copy; the precomputed
   # log-probs come from other batch shapes, so equal up to float noise

@@ -26,7 +26,7 @@ import pytest
 from flax import traverse_util
 
 from jft import config as base_config
-from jft import validate
+from jft import losses, validate
 from jft.errors import ConfigError
 from jft.models import config as model_config
 from jft.models import head_loss, layers, matmul, transformer
@@ -429,6 +429,46 @@ def test_model_fast_paths_match_plain(name):
   np.testing.assert_allclose(float(l1), float(l0), rtol=RTOL)
   _close(lp0, lp1)
   assert float(c0) == float(c1)
+  _close(g0, g1, rtol=2e-5)
+
+
+def _dpo_loss_grads(cfg, params, reference):
+  """DPO's sigmoid loss of row 0 (chosen) against row 1 (rejected), the
+  rows' log-prob sums taken as `jft.objectives.dpo` takes them; the
+  reference log-probs are constants. Its per-token cotangent differs by
+  row, unlike the mean cross-entropy above."""
+  model = transformer.Transformer(cfg)
+
+  def loss(p):
+    s = model.apply({"params": p}, TOKENS, targets=TARGETS)
+    lp, _ = losses.row_logps(s.logp, WEIGHTS)
+    per_pair, _, _ = losses.preference_loss(
+      lp[:1],
+      lp[1:],
+      jnp.array([-3.0]),
+      jnp.array([-4.0]),
+      jnp.sum(WEIGHTS[:1], -1),
+      jnp.sum(WEIGHTS[1:], -1),
+      loss_type="sigmoid",
+      beta=0.5,
+    )
+    return jnp.sum(per_pair), lp
+
+  with _path(reference):
+    return jax.jit(_float_grad(loss, has_aux=True))(params)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2-tied-softcap"])
+def test_preference_loss_fast_path_matches_plain(name):
+  """DPO and KTO sum each row's target log-probs from the fused head."""
+  cfg = MODELS[name]
+  _, params = _model_params(cfg)
+  plain = dataclasses.replace(cfg, logits_chunk=0)
+  fast = dataclasses.replace(cfg, logits_chunk=640)
+  (l0, lp0), g0 = _dpo_loss_grads(plain, params, reference=True)
+  (l1, lp1), g1 = _dpo_loss_grads(fast, params, reference=False)
+  np.testing.assert_allclose(float(l1), float(l0), rtol=RTOL)
+  _close(lp0, lp1)
   _close(g0, g1, rtol=2e-5)
 
 

@@ -11,12 +11,14 @@ of the current policy over the prompts (`jft.rl.rollouts`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
 
-from jft import sharding
-from jft.data import onpolicy, pipeline, sources
+from jft import init, sharding
+from jft.data import onpolicy, pipeline, refcache, sources
+from jft.models import transformer
 from jft.rl import rollouts
 
 
@@ -94,14 +96,22 @@ def build(
   train = objective.make_examples(
     pipeline.read_jsonl_files(train_spec, objective.fields)
   )
-  train = objective.precompute(train, apply_fn, params, run_batches)
+  precompute = functools.partial(
+    refcache.precompute,
+    objective,
+    apply_fn=apply_fn,
+    params=params,
+    run_batches=run_batches,
+    cache_dir=init.cache_root(config),
+    model_config=transformer.config_to_dict(apply_fn.config),
+    say=print if jax.process_index() == 0 else (lambda *_: None),
+  )
+  train = precompute(train, split="train")
   eval_examples, records = [], []
   if eval_spec:
     records = pipeline.read_jsonl_files(eval_spec, objective.fields)
     eval_examples = objective.make_examples(records, split="eval")
-    eval_examples = objective.precompute(
-      eval_examples, apply_fn, params, run_batches
-    )
+    eval_examples = precompute(eval_examples, split="eval")
   packing = (
     config.data.packing if objective.packing is None else objective.packing
   )

@@ -43,6 +43,9 @@ class Objective:
   builtin_split: str = "pretrain"  # the built-in suite's files it reads
   evaluators: tuple[str, ...] = ()  # names in jft.evaluators
   summary_rows: tuple[tuple[str, str], ...] = ()  # (label, metric key)
+  # The example fields `precompute` fills (cached on disk by
+  # `jft.data.refcache`); () = it adds nothing.
+  precomputed_fields: tuple[str, ...] = ()
 
   def __init__(self, config, tokenizer):
     self.config = config

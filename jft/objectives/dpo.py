@@ -40,7 +40,8 @@ from jft.losses import (
   LOSS_TYPES,
   REFERENCE_FREE,
   preference_loss,
-  sequence_logps,
+  row_logps,
+  sequence_logps,  # noqa: F401  (re-exported)
 )
 from jft.objectives import base, sft
 from jft.objectives.sft import fit
@@ -299,6 +300,7 @@ class DPO(base.Objective):
       self.reference = "adapters_off"
     elif d.precompute_ref:
       self.reference = "precomputed"
+      self.precomputed_fields = ("ref_c", "ref_r")
     else:
       self.reference = "copy"
 
@@ -370,19 +372,16 @@ class DPO(base.Objective):
     """Chosen and rejected through one batched forward."""
     chex.assert_rank(batch["inputs"], 2)
     two = lambda a, b: jnp.concatenate([a, b], axis=0)  # [2B, T]
-    logits = apply_fn(
+    scores = apply_fn(
       params,
       two(batch["inputs"], batch["rej_inputs"]),
       two(batch["positions"], batch["positions"]),
       two(batch["segment_ids"], batch["segment_ids"]),
       rng=rng,
       train=train,
-    )  # [2B, T, V]
-    lp, n = sequence_logps(
-      logits,
-      two(batch["targets"], batch["rej_targets"]),
-      two(batch["weights"], batch["rej_weights"]),
-    )
+      targets=two(batch["targets"], batch["rej_targets"]),
+    )  # TokenScores [2B, T]: no [2B, T, V] logits with model.logits_chunk
+    lp, n = row_logps(scores.logp, two(batch["weights"], batch["rej_weights"]))
     b = batch["inputs"].shape[0]
     return lp[:b], lp[b:], n[:b], n[b:]
 

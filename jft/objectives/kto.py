@@ -132,18 +132,17 @@ class KTO(base.Objective):
   def _logps(self, apply_fn, params, batch, rng, train):
     """Completion log-prob sums of the rows and of their KL rows."""
     two = lambda a, b: jnp.concatenate([a, b], axis=0)  # [2B, T]
-    logits = apply_fn(
+    scores = apply_fn(
       params,
       two(batch["inputs"], batch["kl_inputs"]),
       two(batch["positions"], batch["positions"]),
       two(batch["segment_ids"], batch["kl_segment_ids"]),
       rng=rng,
       train=train,
-    )  # [2B, T, V]
-    lp, _ = losses.sequence_logps(
-      logits,
-      two(batch["targets"], batch["kl_targets"]),
-      two(batch["weights"], batch["kl_weights"]),
+      targets=two(batch["targets"], batch["kl_targets"]),
+    )  # TokenScores [2B, T]: no [2B, T, V] logits with model.logits_chunk
+    lp, _ = losses.row_logps(
+      scores.logp, two(batch["weights"], batch["kl_weights"])
     )
     b = batch["inputs"].shape[0]
     return lp[:b], lp[b:]
