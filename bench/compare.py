@@ -77,16 +77,17 @@ spare a compile), but the models have the same size: total and trainable
 parameter counts are asserted equal within 0.5% and printed. Tokens per
 step: batch x sequence (x2 for DPO: chosen and rejected). A benchmark,
 never a pass/fail check (tests/test_bench.py only runs `--quick`).
+
+The two systems' builders live in bench/jft_side.py (jft's step) and
+bench/torch_side.py (the PyTorch loop), each importing only its own
+framework, so bench/memory.py can run each in a process of its own.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import dataclasses
 import datetime
-import functools
 import json
 import math
 import os
@@ -97,11 +98,8 @@ import tempfile
 import threading
 import time
 import warnings
-from typing import NamedTuple
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import peft
 import tokenizers
@@ -109,60 +107,13 @@ import torch
 import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_util import cpu_name  # noqa: E402
-
-from jft import config as base_config  # noqa: E402
-from jft import objectives, optim, steps, train  # noqa: E402
-from jft.models import transformer  # noqa: E402
-from jft.peft import options as peft_options  # noqa: E402
-from jft.state import TrainState, split_params  # noqa: E402
+from bench_util import DPO_BETA, LR, Shape, cpu_name  # noqa: E402
+from jft_side import JftSystem  # noqa: E402
+from torch_side import TorchSystem, count_params, dtype_probe, hf_model  # noqa: E402
 
 WORKLOADS = ("full", "lora", "dpo")
 DTYPES = ("float32", "bfloat16")
-HF_LORA_TARGETS = (
-  "q_proj",
-  "k_proj",
-  "v_proj",
-  "o_proj",
-  "gate_proj",
-  "up_proj",
-  "down_proj",
-)
-LORA_RANK, LORA_ALPHA = 8, 16.0
-DPO_BETA = 0.1
-LR = 1e-4
 PARAM_TOLERANCE = 0.005  # relative difference allowed between param counts
-
-
-class Shape(NamedTuple):
-  """Model and batch shape of one benchmark size."""
-
-  vocab_size: int
-  d_model: int
-  n_layers: int
-  n_heads: int
-  n_kv_heads: int
-  mlp_dim: int
-  batch: int  # rows (full, lora) or pairs (dpo)
-  seq: int  # tokens per row (dpo: prompt + completion)
-  prompt: int  # dpo prompt tokens
-
-  def model_fields(self) -> dict:
-    return {
-      k: getattr(self, k)
-      for k in (
-        "vocab_size",
-        "d_model",
-        "n_layers",
-        "n_heads",
-        "n_kv_heads",
-        "mlp_dim",
-      )
-    }
-
-  def tokens(self, workload: str) -> int:
-    """Tokens through the model per step (DPO: chosen + rejected)."""
-    return self.batch * self.seq * (2 if workload == "dpo" else 1)
 
 
 SHAPES = {
@@ -173,241 +124,7 @@ SHAPES = {
 
 
 # ------------------------------------------------------------------------
-# jft
-
-
-def jft_config(workload: str):
-  """The run config the workload's jft step is built from."""
-  c = base_config.base_config()
-  c.objective = "dpo" if workload == "dpo" else "clm"
-  c.optimizer.lr = LR
-  c.sft.template = "table"  # DPO without a tokenizer: no chat template
-  c.dpo.beta = DPO_BETA
-  if workload == "lora":
-    c.lora.rank = LORA_RANK
-    c.lora.alpha = LORA_ALPHA
-    c.lora.targets = "all-linear"  # q, k, v, o, gate, up, down
-  return c
-
-
-def jft_batch(workload: str, shape: Shape, rng: np.random.Generator):
-  """One batch in the pipeline's format (DPO: `pair_example`'s fields)."""
-  b, t, v = shape.batch, shape.seq, shape.vocab_size
-  positions = np.tile(np.arange(t, dtype=np.int32), (b, 1))  # [B, T]
-  batch = {"positions": positions, "segment_ids": np.ones((b, t), np.int32)}
-  if workload != "dpo":
-    ids = rng.integers(0, v, (b, t + 1)).astype(np.int32)  # [B, T + 1]
-    batch["inputs"], batch["targets"] = ids[:, :-1], ids[:, 1:]  # [B, T]
-    batch["weights"] = np.ones((b, t), np.float32)  # [B, T]
-    return batch
-  prompt = rng.integers(0, v, (b, shape.prompt))  # [B, P]
-  # Targets from the last prompt position on are completion tokens.
-  w = (np.arange(t) >= shape.prompt - 1).astype(np.float32)  # [T]
-  for pre in ("", "rej_"):
-    comp = rng.integers(0, v, (b, t + 1 - shape.prompt))  # [B, T + 1 - P]
-    ids = np.concatenate([prompt, comp], axis=1).astype(np.int32)
-    batch[pre + "inputs"] = ids[:, :-1]  # [B, T]
-    batch[pre + "targets"] = ids[:, 1:]  # [B, T]
-    batch[pre + "weights"] = np.tile(w, (b, 1))  # [B, T]
-  batch["ref_c"] = np.zeros((b, t), np.float32)  # unused: a reference copy
-  batch["ref_r"] = np.zeros((b, t), np.float32)
-  return batch
-
-
-def random_params(model: nn.Module, seed: int):
-  """Params of the shapes and dtypes `model.init` makes, drawn with numpy:
-  normal(0, 0.02) kernels and embeddings, unit norm scales, zero LoRA `B`
-  (as PEFT starts). jft's own init costs an XLA compile of its RNG (seconds
-  per model), and speed does not depend on the values."""
-  shapes = nn.unbox(
-    jax.eval_shape(
-      model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)
-    )["params"]
-  )
-  rng = np.random.default_rng(seed)
-
-  def draw(path, s):
-    name = jax.tree_util.keystr(path[-1:], simple=True)
-    if name == "scale":
-      x = np.ones(s.shape)
-    elif name == "lora_b":
-      x = np.zeros(s.shape)
-    else:
-      x = rng.normal(0.0, 0.02, s.shape)
-    return jnp.asarray(x, s.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
-class JftSystem:
-  """jft's train step, built from its own pieces as `jft/train.py` does.
-
-  `fast_compile`: XLA backend optimisation level 0 (smoke runs: compiles
-  take half the time, the step is no longer representative)."""
-
-  name = "jft"
-
-  def __init__(
-    self,
-    workload: str,
-    dtype: str,
-    shape: Shape,
-    seed: int = 0,
-    fast_compile: bool = False,
-  ):
-    c = jft_config(workload)
-    model_cfg = transformer.config_from_dict(
-      {"preset": "ref-5M", "dtype": dtype, **shape.model_fields()}
-    )
-    model_cfg = dataclasses.replace(
-      model_cfg, peft=peft_options.from_run_config(c)
-    )
-    model = transformer.Transformer(model_cfg)
-    params = random_params(model, seed)
-    trainable, frozen = split_params(params, train.freeze_table(c, model_cfg))
-    objective = objectives.get(c.objective)(c, tokenizer=None)
-    optimizer, schedule = optim.make_optimizer(
-      c.optimizer, c.total_steps, trainable
-    )
-    state = TrainState(
-      step=jnp.zeros((), jnp.int32),
-      trainable=trainable,
-      frozen=frozen,
-      opt_state=optimizer.init(trainable),
-      rng=jax.random.PRNGKey(seed + 1),
-      ref=objective.reference_params(params, trainable),
-    )
-    step_fn = steps.make_train_step(
-      objective, train.make_apply_fn(model), optimizer, schedule, 1
-    )
-    rng = np.random.default_rng(seed)
-    self.batch = jax.device_put(jft_batch(workload, shape, rng))
-    opts = {"xla_backend_optimization_level": 0} if fast_compile else None
-    lowered = jax.jit(step_fn, donate_argnums=(0,)).lower(state, self.batch)
-    self.compiled = lowered.compile(compiler_options=opts)
-    self.state = state
-    self.params_total = transformer.param_count(params)
-    self.params_trainable = transformer.param_count(trainable)
-    self.loss = math.nan
-
-  def step(self) -> float:
-    t0 = time.perf_counter()
-    self.state, metrics = self.compiled(self.state, self.batch)
-    jax.block_until_ready((self.state, metrics))
-    dt = time.perf_counter() - t0
-    self.loss = float(metrics["train/loss"])
-    return dt
-
-  def close(self):
-    pass
-
-
-# ------------------------------------------------------------------------
-# PyTorch
-
-
-def hf_model(shape: Shape, seed: int):
-  """A random `LlamaForCausalLM` of the shape, float32 weights."""
-  torch.manual_seed(seed)
-  cfg = transformers.LlamaConfig(
-    vocab_size=shape.vocab_size,
-    hidden_size=shape.d_model,
-    intermediate_size=shape.mlp_dim,
-    num_hidden_layers=shape.n_layers,
-    num_attention_heads=shape.n_heads,
-    num_key_value_heads=shape.n_kv_heads,
-    max_position_embeddings=max(2048, shape.seq),
-    rope_theta=10000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-    attention_bias=False,
-    mlp_bias=False,
-  )
-  return transformers.LlamaForCausalLM(cfg)
-
-
-def lora_config():
-  return peft.LoraConfig(
-    r=LORA_RANK,
-    lora_alpha=LORA_ALPHA,
-    lora_dropout=0.0,
-    target_modules=list(HF_LORA_TARGETS),
-    task_type="CAUSAL_LM",
-  )
-
-
-def dtype_probe(model) -> list:
-  """Records the output dtype of the first q projection's forwards."""
-  seen = []
-  q = next(m for n, m in model.named_modules() if n.endswith("q_proj"))
-  q.register_forward_hook(lambda mod, i, out: seen.append(out.dtype))
-  return seen
-
-
-def cosine_lambda(total: int, warmup: int = 50):
-  def f(step):
-    if step < warmup:
-      return (step + 1) / warmup
-    p = min((step - warmup) / max(total - warmup, 1), 1.0)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
-
-  return f
-
-
-def _count(model) -> tuple[int, int]:
-  ps = list(model.parameters())
-  total = sum(p.numel() for p in ps)
-  return total, sum(p.numel() for p in ps if p.requires_grad)
-
-
-class TorchSystem:
-  """A plain PyTorch training loop on a transformers model (+ PEFT)."""
-
-  def __init__(self, workload: str, dtype: str, shape: Shape, seed: int = 0):
-    model = hf_model(shape, seed)
-    self.name = "transformers"
-    if workload == "lora":
-      model = peft.get_peft_model(model, lora_config())
-      self.name = "transformers + PEFT"
-    model.train()
-    self.model = model
-    self.params_total, self.params_trainable = _count(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # Trainer's default optimizer (adamw_torch_fused), jft's AdamW settings.
-    self.opt = torch.optim.AdamW(
-      params, lr=LR, betas=(0.9, 0.95), weight_decay=0.1, fused=True
-    )
-    self.sched = torch.optim.lr_scheduler.LambdaLR(
-      self.opt, cosine_lambda(1000)
-    )
-    self.params = params
-    g = torch.Generator().manual_seed(seed)
-    self.ids = torch.randint(
-      0, shape.vocab_size, (shape.batch, shape.seq), generator=g
-    )
-    self.autocast = (
-      functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
-      if dtype == "bfloat16"
-      else contextlib.nullcontext
-    )
-    self.seen = dtype_probe(model)
-    self.loss = math.nan
-
-  def step(self) -> float:
-    t0 = time.perf_counter()
-    with self.autocast():
-      loss = self.model(input_ids=self.ids, labels=self.ids).loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-    self.opt.step()
-    self.sched.step()
-    self.opt.zero_grad(set_to_none=True)
-    dt = time.perf_counter() - t0
-    self.loss = float(loss.detach())
-    return dt
-
-  def close(self):
-    pass
+# TRL
 
 
 def word_tokenizer(vocab_size: int):
@@ -462,7 +179,7 @@ class TrlDpoSystem:
     transformers.logging.set_verbosity_error()
     model = hf_model(shape, seed)
     ref = copy.deepcopy(model)
-    self.params_total, self.params_trainable = _count(model)
+    self.params_total, self.params_trainable = count_params(model)
     self.seen = dtype_probe(model)
     self.tmp = tempfile.TemporaryDirectory(prefix="jft-compare-trl-")
     args = trl.DPOConfig(

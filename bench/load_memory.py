@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 
@@ -32,21 +31,9 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_util import cpu_name  # noqa: E402
+from bench_util import cpu_name, peak_mib, rss_mib  # noqa: E402
 
 MODES = ("float32", "bfloat16", "qlora-nf4", "naive-f32")
-
-
-def rss_mib() -> float:
-  with open("/proc/self/status") as fh:
-    for line in fh:
-      if line.startswith("VmRSS:"):
-        return int(line.split()[1]) / 1024
-  return float("nan")
-
-
-def peak_mib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def write_checkpoint(directory: str, preset: str) -> None:

@@ -39,6 +39,8 @@ TECHNIQUES = {
 COST_MODEL = dict(
   d_model=768, n_layers=8, n_heads=12, n_kv_heads=4, mlp_dim=2048
 )
+COST_VOCAB = 384  # the built-in tokenizer's, rounded up to a multiple of 64
+COST_BATCH, COST_SEQ = 4, 128
 
 
 def _set(config, key, value):
@@ -65,7 +67,7 @@ def worker(args) -> dict:
     config.model.preset = "tiny"
     for k, v in COST_MODEL.items():
       _set(config, f"model.{k}", v)
-    config.batch_size, config.seq_len = 4, 128
+    config.batch_size, config.seq_len = COST_BATCH, COST_SEQ
     config.eval_every = 0
     config.log_every = 1
     config.lora.save_adapters = False

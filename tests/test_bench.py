@@ -99,6 +99,24 @@ def test_load_memory_bench_runs_tiny(tmp_path, capsys):
   assert all(r["peak_mib"] >= r["runtime_mib"] > 0 for r in rows)
 
 
+def test_memory_bench_runs_tiny(capsys):
+  """Each case in its own process; jft's remat row plans fewer
+  temporaries than remat=none; the PyTorch QLoRA row is explained."""
+  cases = "jft-full,jft-full-remat-full,torch-lora,torch-qlora-nf4"
+  argv = ["--shape", "tiny", "--steps", "1", "--warmup", "0"]
+  rows = _load("memory").main(argv + ["--remat", "full", "--cases", cases])
+  printed = capsys.readouterr().out
+  by = {r["case"]: r for r in rows}
+  assert list(by) == cases.split(",")[:3]
+  for r in rows:
+    assert r["peak_mib"] >= r["runtime_mib"] > 0, r
+    assert r["param_bytes"] > 0 and r["opt_bytes"] > 0, r
+  assert by["torch-lora"]["opt_bytes"] < by["jft-full"]["opt_bytes"]
+  assert by["jft-full-remat-full"]["temp_bytes"] < by["jft-full"]["temp_bytes"]
+  assert "| jft | full fine-tuning, remat=full |" in printed
+  assert "| QLoRA nf4 (PEFT) | not measured" in printed
+
+
 def _check_compare_rows(rows, printed, workloads, dtypes):
   assert [(r["workload"], r["dtype"]) for r in rows] == [
     (w, d) for w in workloads for d in dtypes
