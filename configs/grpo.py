@@ -35,6 +35,7 @@ def get_config(arg=None):
   c.log_every = 10
   c.eval_every = 100
   c.checkpoint_every = 100
+  c.sft.max_eval_generations = 800  # all held-out prompts: small effects
   c.rl.prompts_per_rollout = 32  # x 8 generations = 256 completions
   c.rl.epochs = 1
   c.rl.max_new_tokens = 12

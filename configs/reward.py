@@ -18,7 +18,8 @@ Data and variants by config keys:
   --config.lora.rank=8 --config.quant.kind=nf4             (QLoRA)
 Without files the pairs are mined from the SFT model's own wrong answers,
 as for DPO (`jft.data.onpolicy.builtin_pairs`, per the `config.dpo.*` keys
-set below; `dpo.builtin_pairs=synthetic` = the suite's near misses).
+set below), plus the suite's synthetic near misses on every task
+(`dpo.builtin_pairs=on_policy` = mined only, `synthetic` = near misses only).
 `model.head='score'` is what makes this a reward model; the objective
 refuses any other head.
 """
@@ -33,7 +34,7 @@ def get_config(arg=None):
   c.init = f"run:configs/sft.py:{preset}"
   c.model.preset = preset
   c.model.head = "score"  # drops lm_head, adds score [D, 1] (jft.init)
-  c.total_steps = 1500
+  c.total_steps = 2500
   c.batch_size = 16  # preference pairs per step
   c.eval_batch_size = 32
   c.seq_len = 32  # built-in pairs are at most 21 tokens
@@ -51,6 +52,10 @@ def get_config(arg=None):
   c.dpo.mine_prompts = 0
   c.dpo.mine_samples = 4
   c.dpo.mine_pairs = "all"
+  # Plus the suite's synthetic near misses (32,000 pairs, every task): mined
+  # pairs are 95% `add`, and a reward model that never saw a wrong sort let
+  # RL raise its score with wrong sorts (README). Held out: mined pairs only.
+  c.dpo.builtin_pairs = "on_policy+synthetic"
   c.lora.save_merged = True
   c.optimizer.lr = 2e-4
   c.optimizer.warmup_steps = 20
