@@ -529,3 +529,34 @@ def test_fastpath_bench_runs_tiny():
   for r in rows:  # same model, same data: the fast paths change no number
     assert abs(r["loss"] - rows[0]["loss"]) < 1e-3 * abs(rows[0]["loss"])
     assert r["step_ms"] > 0 and r["grad_err_vs_f32"] < 0.1
+
+
+def _scratch_bytes(cfg, params, reference):
+  model = transformer.Transformer(cfg)
+
+  def loss(p):
+    s = model.apply({"params": p}, TOKENS, targets=TARGETS)
+    ce, w, _ = base.scores_cross_entropy(s, WEIGHTS)
+    return ce / w
+
+  with _path(reference):
+    compiled = jax.jit(_float_grad(loss)).lower(params).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_4bit_kernels_are_expanded_again_in_the_backward():
+  """`matmul.dense_frozen` keeps a 4-bit kernel's codes, not its float
+  expansion, from the forward to the backward, so a QLoRA step's planned
+  scratch (XLA's memory plan, not a timing) is smaller than autodiff's by
+  about the float bytes of the quantized kernels; the gradients are equal
+  (`test_model_fast_paths_match_plain`, 'qlora-4bit-head')."""
+  cfg = dataclasses.replace(QLORA_HEAD, d_model=128, mlp_dim=512, n_layers=4)
+  _, params = _model_params(cfg)
+  flat = traverse_util.flatten_dict(params, sep="/")
+  expanded = sum(  # float32 bytes of every 4-bit kernel (two codes a byte)
+    v.size * 2 * 4 for k, v in flat.items() if k.endswith("kernel_packed")
+  )
+  assert expanded > 2**20
+  fast = _scratch_bytes(cfg, params, reference=False)
+  plain = _scratch_bytes(cfg, params, reference=True)
+  assert fast <= plain - expanded // 2, (fast, plain, expanded)

@@ -11,6 +11,7 @@ stddev 0.02, as Hugging Face's `initializer_range`; biases are zeros and norm
 scales ones. Every param carries logical axis names for sharding.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -70,8 +71,8 @@ class Linear(nn.Module):
   def _quantized(self) -> bool:
     return self.peft.quantized("/".join(self.path) + "/kernel")
 
-  def _kernel(self, in_features: int) -> jax.Array:
-    """The kernel [in, out] in the compute dtype: float, or 4-bit dequantized.
+  def _stored_kernel(self, in_features: int):
+    """The kernel as stored: [in, out] in the compute dtype, or 4-bit.
 
     A 4-bit kernel is stored as `kernel_packed` (uint8, two codes a byte) plus
     `kernel_scale*` leaves and dequantized here, inside the jitted step, so
@@ -109,9 +110,24 @@ class Linear(nn.Module):
       )
       for name, (shape, dtype) in shapes.items()
     }
-    return quant.dequantize(
-      q, kind=p.quant_kind, block_size=p.quant_block_size, dtype=self.dtype
+    return q
+
+  def _dequant_fn(self):
+    """The 4-bit kernel's expansion to the compute dtype (hashable)."""
+    p = self.peft
+    return functools.partial(
+      quant.dequantize,
+      kind=p.quant_kind,
+      block_size=p.quant_block_size,
+      dtype=jnp.dtype(self.dtype),
     )
+
+  def _kernel(self, in_features: int) -> jax.Array:
+    """The kernel [in, out] in the compute dtype (4-bit: dequantized)."""
+    stored = self._stored_kernel(in_features)
+    if self._quantized:
+      return self._dequant_fn()(stored)
+    return stored
 
   def _lora(self, x: jax.Array, out_dtype) -> jax.Array:
     """scale * dropout(x) @ A @ B, adapters kept in float32."""
@@ -147,15 +163,23 @@ class Linear(nn.Module):
     never formed. Not with a bias or LoRA.
     """
     out_dtype = self.out_dtype or self.dtype
-    kernel = self._kernel(x.shape[-1])  # [in, out]
     frozen = self._quantized  # 4-bit codes: no gradient to give the kernel
     if head_fn is not None:
       if self.use_bias or self.peft.lora_on("/".join(self.path)):
         raise ValueError(f"{self.path}: head_fn with a bias or LoRA")
+      kernel = self._kernel(x.shape[-1])  # [in, out]
       return head_fn(x.astype(self.dtype), kernel, not frozen)
-    y = matmul.dense(
-      x.astype(self.dtype), kernel, out_dtype, w_grad=not frozen
-    )  # [..., out]
+    if frozen:  # expanded in the forward and again in the backward
+      y = matmul.dense_frozen(
+        x.astype(self.dtype),
+        self._stored_kernel(x.shape[-1]),
+        self._dequant_fn(),
+        out_dtype,
+      )  # [..., out]
+    else:
+      y = matmul.dense(
+        x.astype(self.dtype), self._stored_kernel(x.shape[-1]), out_dtype
+      )  # [..., out]
     if self.use_bias:
       bias = self.param(
         "bias",

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -92,6 +93,24 @@ def _matmul_bwd(out_dtype, w_grad, w_t, res, g):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul_frozen(x, q, dequant, out_dtype):
+  return dot(x, dequant(q), out_dtype)  # [M, N]
+
+
+def _matmul_frozen_fwd(x, q, dequant, out_dtype):
+  return _matmul_frozen(x, q, dequant, out_dtype), q
+
+
+def _matmul_frozen_bwd(dequant, out_dtype, q, g):
+  del out_dtype
+  w = dequant(q)  # [K, N], made again: never kept from the forward
+  return dot(g, w, w.dtype, transpose_b=True), None  # dx [M, K]
+
+
+_matmul_frozen.defvjp(_matmul_frozen_fwd, _matmul_frozen_bwd)
+
+
 _REFERENCE = False  # see `autodiff_reference`
 
 
@@ -138,3 +157,25 @@ def dense(
   n = w.shape[0] if transpose_w else w.shape[1]
   y = _matmul(x.reshape(-1, k), w, out_dtype, w_grad, transpose_w)  # [M, N]
   return y.reshape(*lead, n)  # [..., N]
+
+
+def dense_frozen(
+  x: jax.Array, q, dequant: Callable, out_dtype=None
+) -> jax.Array:
+  """x [..., K] @ dequant(q) [K, N] for a frozen stored kernel (4-bit codes
+  and scales, `q`) that `dequant` expands to x's dtype.
+
+  Only dx flows back, and the backward expands `q` again instead of keeping
+  the expanded kernel from the forward: with `dense`, every layer's [K, N]
+  float kernel stayed alive from its forward to its backward (QLoRA's base
+  held in float for the whole step, with no remat: 192 MB more scratch than
+  LoRA on the 50M base, bench/memory.py). `dequant` must be hashable (a
+  `functools.partial` of module-level functions is).
+  """
+  out_dtype = jnp.dtype(out_dtype or x.dtype)
+  if _REFERENCE:
+    w = lax.stop_gradient(dequant(q))
+    return dense(x, w, out_dtype, w_grad=False)
+  lead, k = x.shape[:-1], x.shape[-1]
+  y = _matmul_frozen(x.reshape(-1, k), q, dequant, out_dtype)  # [M, N]
+  return y.reshape(*lead, y.shape[-1])  # [..., N]
