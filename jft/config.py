@@ -120,6 +120,17 @@ def base_config() -> ml_collections.ConfigDict:
   # online RL (ppo, grpo: rollouts have no epochs).
   c.data.num_epochs = config_dict.placeholder(int)
   c.data.packing = True
+  # Read, parse and tokenize the training files lazily (jft/data/stream.py):
+  # each process only its own shard, as training consumes it, so a large
+  # corpus starts training in seconds and host memory stays flat. For clm
+  # and mlm; trains for total_steps (no num_epochs: counting steps would
+  # read everything). Eval files are still read up front.
+  c.data.streaming = False
+  # Threads that read and tokenize ahead of the train step when streaming.
+  c.data.read_threads = 1
+  # A tokenizer trained for a random init sees at most this many MB of the
+  # training text (its start, in file order); 0 = all of it.
+  c.data.tokenizer_train_mb = 64
   c.data.builtin = ml_collections.ConfigDict(
     dict(tasks="add,copy,reverse,sort", n_train=8000, n_eval=200, seed=0)
   )
@@ -178,6 +189,11 @@ def base_config() -> ml_collections.ConfigDict:
       # and resumes reuse them; jft/data/refcache.py). (LoRA/QLoRA always
       # use the base with adapters off; simpo/orpo need no reference.)
       precompute_ref=False,
+      # Pack whole pairs into rows of 2 * seq_len tokens (each pair's chosen
+      # and rejected side by side, attending only within themselves), not a
+      # pair a row padded to its longer side: the same per-pair losses, less
+      # padding; a batch row then holds one pair or more.
+      pack_pairs=False,
       truncation="truncate_prompt",  # or 'skip'; counted and reported
       on_invalid="error",  # empty/missing/identical chosen-rejected: or 'skip'
       # Built-in pairs (data.train_files == ''): 'on_policy' = the starting

@@ -32,6 +32,7 @@ MAY_CHANGE = (
   "rl.samples_to_log",
   "mesh.",  # orbax reshards on restore
   "model.logits_chunk",  # how the loss is computed, not what (same numbers)
+  "data.read_threads",  # how records are read, not which
   "wandb.",  # where metrics are mirrored, not what is trained
   # The steps `data.num_epochs` passes take: counted from the data after
   # this check (the keys that shape the data may not change).

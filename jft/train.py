@@ -348,7 +348,9 @@ def _train(config, workdir, stop_after, stop_signal, primary, ckpt):
     config, workdir, getattr(objective_cls, "builtin_split", "pretrain")
   )
   tokenizer = init.load_tokenizer(
-    config, workdir, lambda: sources.corpus_texts(train_spec)
+    config,
+    workdir,
+    lambda: sources.corpus_texts(train_spec, config.data.tokenizer_train_mb),
   )
   objective = objective_cls(config, tokenizer)
   n_proc = jax.process_count()

@@ -241,7 +241,7 @@ def _ppo_head(c) -> str:
 def rules() -> tuple[Rule, ...]:
   """The ordered table (built once; the lists come from the code)."""
   from jft import losses, metrics, objectives, optim, state
-  from jft.data import onpolicy, tasks
+  from jft.data import onpolicy, stream, tasks
   from jft.models import config as model_config
   from jft.models import presets
   from jft.objectives import dpo, grpo, reward, sft
@@ -292,6 +292,23 @@ def rules() -> tuple[Rule, ...]:
       ),
       _online,
     ),
+    Rule(
+      "data.streaming",
+      lambda v, c: not v or c.objective in stream.OBJECTIVES,
+      lambda c: (
+        f"False for objective {c.objective!r}: streaming reads records one "
+        f"at a time, for {', '.join(stream.OBJECTIVES)} (the others read "
+        "their whole data set: pairs, counts, rollouts)"
+      ),
+    ),
+    Rule(
+      "data.streaming",
+      lambda v, c: not v or _num_epochs(c) is None,
+      "False with data.num_epochs set (a streamed run trains for "
+      "total_steps: counting an epoch's steps would read every file first)",
+    ),
+    r("data.read_threads", ge(0), "0 = read on the train loop's thread"),
+    r("data.tokenizer_train_mb", ge(0), "0 = all of the training text"),
     r("data.builtin.tasks", names_in(tasks.TASKS)),
     r("data.builtin.n_train", ge(1)),
     r("data.builtin.n_eval", ge(0)),

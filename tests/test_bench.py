@@ -18,12 +18,17 @@ from jft.models import transformer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_bench():
-  path = os.path.join(ROOT, "bench", "throughput.py")
-  spec = importlib.util.spec_from_file_location("bench_throughput", path)
+def _load(name):
+  """bench/NAME.py as a module."""
+  path = os.path.join(ROOT, "bench", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
+
+
+def _load_bench():
+  return _load("throughput")
 
 
 def test_flop_count_by_hand():
@@ -65,14 +70,6 @@ def test_throughput_runs_tiny(tmp_path, capsys):
   assert res["tokens_per_s"] == 2 * 16 / res["step_s"]
   saved = json.loads(out.read_text())
   assert saved["args"]["preset"] == "tiny" and saved["step_s"] == res["step_s"]
-
-
-def _load(name):
-  path = os.path.join(ROOT, "bench", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
 
 
 def test_decode_bench_runs_tiny(capsys):
@@ -187,3 +184,20 @@ def test_compare_report_ratios():
   text = cmp.format_report(info, args, rows)
   assert "| full | 0.50 |" in text and "| full | float32 | 0.600 s |" in text
   assert args.shape == "tiny" and args.dtypes == ["float32", "bfloat16"]
+
+
+def test_pipeline_bench_phases_run_tiny(tmp_path, suite_dir):
+  """The corpus generator writes what it says, and the streamed and eager
+  phases read it (the step and jft.main phases are other tests' code)."""
+  bp = _load("pipeline")
+  corpus = str(tmp_path / "c.jsonl")
+  bp.make_corpus(corpus, mb=1)
+  assert os.path.getsize(corpus) >= 2**20
+  with open(corpus) as f:
+    assert all(json.loads(line)["text"] for line in f)
+  tok = str(suite_dir / "tok.model")
+  s = bp.phase_stream(corpus, tok, batches=3)
+  assert s["records"] > 100 and s["tokens_per_s"] > 0
+  assert s["first_batch_s"] >= s["index_s"] > 0
+  e = bp.phase_eager(corpus, tok)
+  assert e["first_batch_s"] > 0 and e["data_mib"] >= 0

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from jft import init, sharding
-from jft.data import onpolicy, pipeline, refcache, sources
+from jft.data import onpolicy, pipeline, refcache, sources, stream
 from jft.models import transformer
 from jft.rl import rollouts
 
@@ -93,6 +93,8 @@ def build(
     ]
     source = cls(config, objective, tokenizer, prompts, apply_fn, workdir, mesh)
     return Data(source, [], records, {})
+  if config.data.streaming:
+    return _streamed(config, objective, tokenizer, train_spec, eval_spec)
   train = objective.make_examples(
     pipeline.read_jsonl_files(train_spec, objective.fields)
   )
@@ -107,24 +109,14 @@ def build(
     say=print if jax.process_index() == 0 else (lambda *_: None),
   )
   train = precompute(train, split="train")
-  eval_examples, records = [], []
-  if eval_spec:
-    records = pipeline.read_jsonl_files(eval_spec, objective.fields)
-    eval_examples = objective.make_examples(records, split="eval")
-    eval_examples = precompute(eval_examples, split="eval")
-  packing = (
-    config.data.packing if objective.packing is None else objective.packing
-  )
-  n_proc = jax.process_count()
-  layout = dict(
-    seq_len=config.seq_len,
-    batch_size=config.batch_size // n_proc,
-    seed=config.seed,
-    shuffle=config.data.shuffle,
-    num_epochs=config.data.num_epochs,
-    shard_index=jax.process_index(),
-    shard_count=n_proc,
-    packing=packing,
+  layout = dict(_layout(config, objective), num_epochs=config.data.num_epochs)
+  eval_batches, records = _eval_batches(
+    config,
+    objective,
+    tokenizer,
+    eval_spec,
+    layout["packing"],
+    functools.partial(precompute, split="eval"),
   )
   iterator = pipeline.make_train_iter(train, pad_id=tokenizer.pad_id, **layout)
   steps, padding = None, None
@@ -132,21 +124,9 @@ def build(
     steps = train_steps(train, layout)
     padding = pipeline.padding_batch(
       train,
-      seq_len=config.seq_len,
+      seq_len=layout["seq_len"],
       batch_size=layout["batch_size"],
       pad_id=tokenizer.pad_id,
-    )
-  eval_batches = []
-  if eval_examples:
-    eval_batches = shard_eval(
-      pipeline.make_eval_batches(
-        eval_examples,
-        seq_len=config.seq_len,
-        batch_size=config.eval_batch_size,
-        pad_id=tokenizer.pad_id,
-        packing=packing,
-      ),
-      tokenizer.pad_id,
     )
   return Data(
     sources.Static(iterator, padding),
@@ -155,6 +135,64 @@ def build(
     dict(objective.data_stats),
     steps,
   )
+
+
+def _layout(config, objective) -> dict:
+  """This process's batch layout (`pipeline.make_train_iter`'s keywords)."""
+  packing = (
+    config.data.packing if objective.packing is None else objective.packing
+  )
+  n_proc = jax.process_count()
+  return dict(
+    seq_len=config.seq_len * objective.seq_len_factor,
+    batch_size=config.batch_size // n_proc,
+    seed=config.seed,
+    shuffle=config.data.shuffle,
+    shard_index=jax.process_index(),
+    shard_count=n_proc,
+    packing=packing,
+  )
+
+
+def _eval_batches(
+  config, objective, tokenizer, eval_spec, packing, prepare=lambda x: x
+):
+  """(this process's eval batches, the held-out records) of `eval_spec`;
+  `prepare` adds what the objective precomputes to the examples."""
+  if not eval_spec:
+    return [], []
+  records = pipeline.read_jsonl_files(eval_spec, objective.fields)
+  examples = prepare(objective.make_examples(records, split="eval"))
+  if not examples:
+    return [], records
+  batches = pipeline.make_eval_batches(
+    examples,
+    seq_len=config.seq_len * objective.seq_len_factor,
+    batch_size=config.eval_batch_size,
+    pad_id=tokenizer.pad_id,
+    packing=packing,
+  )
+  return shard_eval(batches, tokenizer.pad_id), records
+
+
+def _streamed(config, objective, tokenizer, train_spec, eval_spec) -> Data:
+  """`config.data.streaming`: training records read, parsed and tokenized
+  one at a time as training consumes them (`jft.data.stream`); the eval
+  files are read up front, as in a run that does not stream."""
+  layout = _layout(config, objective)
+  source = stream.JsonlSource(train_spec, objective.fields)
+  iterator, padding = pipeline.make_stream_iter(
+    source,
+    lambda record: objective.make_examples([record]),
+    pad_id=tokenizer.pad_id,
+    read_threads=config.data.read_threads,
+    **layout,
+  )
+  eval_batches, records = _eval_batches(
+    config, objective, tokenizer, eval_spec, layout["packing"]
+  )
+  stats = {"data/train_records": len(source), **objective.data_stats}
+  return Data(sources.Static(iterator, padding), eval_batches, records, stats)
 
 
 def train_steps(examples, layout: dict) -> int:

@@ -18,7 +18,7 @@ import os
 import jax
 
 from jft import sharding
-from jft.data import pipeline, tasks
+from jft.data import pipeline, stream, tasks
 
 
 def state_dict(state) -> dict:
@@ -92,14 +92,32 @@ def data_files(config, workdir: str, kind: str) -> tuple[str, str]:
   return paths[f"{kind}_train"], paths[f"{kind}_eval"]
 
 
-def corpus_texts(train_spec: str):
+def corpus_texts(train_spec: str, limit_mb: float = 0):
   """Every string field of the training records: what the model will see
-  (the text a new tokenizer is trained on)."""
-  for rec in pipeline.read_jsonl_files(train_spec, required=()):
-    for v in rec.values():
-      if isinstance(v, str):
-        yield v
-      elif isinstance(v, list):  # chat messages
-        for m in v:
-          if isinstance(m, dict) and isinstance(m.get("content"), str):
-            yield m["content"]
+  (the text a new tokenizer is trained on), up to `limit_mb` MB of it from
+  the start, in file order (0: all). Records are read lazily, so a large
+  corpus is read only as far as the limit."""
+  limit = limit_mb * 2**20 if limit_mb else float("inf")
+  seen = 0
+  source = stream.JsonlSource(train_spec)
+  for i in range(len(source)):
+    for text in _texts(source[i]):
+      if seen >= limit:
+        print(
+          f"tokenizer: trained on the first {limit_mb} MB of the training "
+          "text (config.data.tokenizer_train_mb)"
+        )
+        return
+      seen += len(text)
+      yield text
+
+
+def _texts(record: dict):
+  """A record's strings: its string fields and chat messages' contents."""
+  for v in record.values():
+    if isinstance(v, str):
+      yield v
+    elif isinstance(v, list):  # chat messages
+      for m in v:
+        if isinstance(m, dict) and isinstance(m.get("content"), str):
+          yield m["content"]
