@@ -201,6 +201,28 @@ def row_logps(token_logp, weights):
   return jnp.sum(_f32(token_logp) * w, axis=-1), jnp.sum(w, axis=-1)
 
 
+def pair_segments(segment_ids, side):
+  """Attention segments of packed preference pairs: the packer's segment
+  (a pair) split by `side` (0 chosen, 1 rejected), so the two sequences of
+  a pair never attend to each other; 0 stays padding. [B, T] -> [B, T]."""
+  return jnp.where(segment_ids > 0, 2 * segment_ids - 1 + side, 0)
+
+
+def pair_sums(values, segment_ids, side):
+  """Sums of `values` [B, T] per (pair slot, side) of packed rows:
+  [B, K, 2], slot k holding segment k + 1 (K = T // 2: a pair has at least
+  a token a side); slots past a row's pairs are 0. Padding is left out."""
+  b, t = values.shape
+  k = t // 2
+  slot = jnp.where(segment_ids > 0, 2 * (segment_ids - 1) + side, 0)
+  index = slot + 2 * k * jnp.arange(b)[:, None]  # [B, T]
+  kept = jnp.where(segment_ids > 0, _f32(values), 0.0)
+  sums = jax.ops.segment_sum(
+    kept.reshape(-1), index.reshape(-1), num_segments=b * 2 * k
+  )
+  return sums.reshape(b, k, 2)
+
+
 # ------------------------------------------------------------- reward model
 
 

@@ -252,6 +252,74 @@ def test_objective_loss_matches_hand_computation(obj):
   )
 
 
+def _per_pair(obj, apply_fn, params, batches):
+  """(pc, pr, nc, nr) of every pair in `batches`, ordered by value."""
+  fn = jax.jit(lambda p, b: obj._policy_logps(apply_fn, p, b, None, False))
+  out = []
+  for batch in batches:
+    pc, pr, nc, nr = (np.asarray(x).reshape(-1) for x in fn(params, batch))
+    keep = nc > 0
+    out += list(zip(pc[keep], pr[keep], nc[keep], nr[keep], strict=True))
+  out = np.array(out)
+  return out[np.lexsort((out[:, 1].round(3), out[:, 0].round(3)))]
+
+
+def test_packed_pairs_give_the_padded_per_pair_losses(obj):
+  """dpo.pack_pairs: several pairs share a row (chosen and rejected each
+  their own segment), yet every pair's log-probs and the loss are the
+  padded layout's: no attention crosses sequences."""
+  config, tok = obj.config, obj.tokenizer
+  packed_cfg = config.copy_and_resolve_references()
+  packed_cfg.dpo.pack_pairs = True
+  packed = dpo.DPO(packed_cfg, tok)
+  records = pipeline.read_jsonl_files(config.data.eval_files)[:12]
+  padded_batches = pipeline.make_eval_batches(
+    obj.make_examples(records),
+    seq_len=config.seq_len,
+    batch_size=12,
+    pad_id=tok.pad_id,
+    packing=False,
+  )
+  packed_batches = pipeline.make_eval_batches(
+    packed.make_examples(records),
+    seq_len=2 * config.seq_len,
+    batch_size=2,
+    pad_id=tok.pad_id,
+    packing=True,
+  )
+  assert max(b["segment_ids"].max() for b in packed_batches) >= 2
+  model = transformer.Transformer(init.model_config(config, tok))
+  make = lambda s: model.init(
+    jax.random.PRNGKey(s), jnp.zeros((1, 8), jnp.int32)
+  )["params"]
+  policy, ref = make(0), make(1)
+  apply_fn = train.make_apply_fn(model)
+  want = _per_pair(obj, apply_fn, policy, padded_batches)
+  got = _per_pair(packed, apply_fn, policy, packed_batches)
+  assert want.shape == got.shape == (12, 4)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+  loss = lambda o, b: o.loss(apply_fn, policy, b, None, False, ref=ref)
+  want_sum, want_n, _ = loss(obj, padded_batches[0])
+  got = [loss(packed, b)[:2] for b in packed_batches]
+  assert sum(int(n) for _, n in got) == int(want_n) == 12
+  np.testing.assert_allclose(
+    sum(float(s) for s, _ in got), float(want_sum), rtol=1e-5
+  )
+
+
+def test_pair_sums_by_hand():
+  """Slot k of a row holds segment k + 1; side picks the column."""
+  values = jnp.arange(1.0, 9.0).reshape(1, 8)
+  seg = jnp.array([[1, 1, 1, 2, 2, 2, 0, 0]])
+  side = jnp.array([[0, 0, 1, 0, 1, 1, 0, 0]])
+  got = np.asarray(dpo.pair_sums(values, seg, side))[0]
+  np.testing.assert_array_equal(got, [[3, 3], [4, 11], [0, 0], [0, 0]])
+  np.testing.assert_array_equal(
+    dpo.pair_segments(seg, side), [[1, 1, 2, 3, 4, 4, 0, 0]]
+  )
+
+
 def _losses(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
@@ -263,7 +331,7 @@ def test_full_ft_reference_copy_equals_precomputed(suite_dir, tmp_path, capsys):
   reads the precomputed log-probs from the cache (jft.data.refcache) and
   trains exactly as the run that computed them."""
   runs = {}
-  for pre in (False, True, "again"):
+  for pre in (False, True, "again", "packed"):
     config = tiny_config(
       suite_dir,
       config_file="configs/dpo.py",
@@ -272,6 +340,7 @@ def test_full_ft_reference_copy_equals_precomputed(suite_dir, tmp_path, capsys):
       checkpoint_every=2,
     )
     config.dpo.precompute_ref = bool(pre)
+    config.dpo.pack_pairs = pre == "packed"
     config.stage_cache = str(tmp_path / "cache")
     config.dpo.rpo_alpha = 0.0  # so the first loss is exactly log 2
     config.sft.max_eval_generations = 8
@@ -288,7 +357,14 @@ def test_full_ft_reference_copy_equals_precomputed(suite_dir, tmp_path, capsys):
       assert "cached in" not in said and "ref_logps" in said
   np.testing.assert_allclose(runs[False][0], runs[True][0], rtol=1e-5)
   assert runs["again"][0] == runs[True][0]
-  assert len(os.listdir(tmp_path / "cache" / "ref_logps")) == 2
+  assert len(os.listdir(tmp_path / "cache" / "ref_logps")) == 4  # + packed
+  # Packed pairs, precomputed reference: the same start (policy ==
+  # reference); steps then differ (a row holds more than one pair).
+  assert runs["packed"][0][0] == pytest.approx(math.log(2), abs=1e-4)
+  assert abs(runs["packed"][1][0]["eval/rewards/margins"]) < 1e-5
+  assert runs["packed"][1][0]["eval/logps/chosen"] == pytest.approx(
+    runs[True][1][0]["eval/logps/chosen"], rel=1e-5
+  )
   assert runs[False][0][0] == pytest.approx(math.log(2), abs=1e-4)
   # policy == reference at step 0: exactly for the copy; the precomputed
   # log-probs come from other batch shapes, so equal up to float noise

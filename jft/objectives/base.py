@@ -46,6 +46,9 @@ class Objective:
   # The example fields `precompute` fills (cached on disk by
   # `jft.data.refcache`); () = it adds nothing.
   precomputed_fields: tuple[str, ...] = ()
+  # Rows hold this many times `seq_len` tokens (2: packed preference pairs,
+  # a row with room for both sequences of the longest pair).
+  seq_len_factor: int = 1
 
   def __init__(self, config, tokenizer):
     self.config = config

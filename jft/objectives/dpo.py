@@ -39,6 +39,8 @@ from jft.losses import (
   LENGTH_NORMALISED,  # noqa: F401  (re-exported: moved to jft.losses)
   LOSS_TYPES,
   REFERENCE_FREE,
+  pair_segments,
+  pair_sums,
   preference_loss,
   row_logps,
   sequence_logps,  # noqa: F401  (re-exported)
@@ -239,6 +241,47 @@ def pair_example(prompt_ids, chosen_ids, rejected_ids, mask="full"):
   (e.g. the rest of a copied string), and pushing them down teaches the
   model to stop doing the task.
   """
+  c, r = _pair_sequences(prompt_ids, chosen_ids, rejected_ids, mask)
+  length = max(len(c["inputs"]), len(r["inputs"]))
+
+  def pad(x):
+    return np.pad(x, (0, length - len(x)))
+
+  return {
+    "inputs": pad(c["inputs"]),
+    "targets": pad(c["targets"]),
+    "weights": pad(c["weights"]),
+    "rej_inputs": pad(r["inputs"]),
+    "rej_targets": pad(r["targets"]),
+    "rej_weights": pad(r["weights"]),
+    "ref_c": np.zeros(length, np.float32),
+    "ref_r": np.zeros(length, np.float32),
+  }
+
+
+def packed_pair_example(prompt_ids, chosen_ids, rejected_ids, mask="full"):
+  """One pair as one packable example (`dpo.pack_pairs`): the chosen
+  sequence, then the rejected one, each `pair_example`'s.
+
+  `side` (0 chosen, 1 rejected) splits the pair's packing segment in two,
+  so neither attends to the other; `seq_pos` restarts at 0 for each (the
+  model's positions); `ref` holds each side's precomputed reference
+  log-prob at its first token. The packer keeps an example whole in one
+  row, so many pairs share a row with no padding between them.
+  """
+  c, r = _pair_sequences(prompt_ids, chosen_ids, rejected_ids, mask)
+  nc, nr = len(c["inputs"]), len(r["inputs"])
+  out = {k: np.concatenate([c[k], r[k]]) for k in c}
+  out["side"] = np.repeat(np.int32([0, 1]), [nc, nr])
+  out["seq_pos"] = np.concatenate([np.arange(nc), np.arange(nr)]).astype(
+    np.int32
+  )
+  out["ref"] = np.zeros(nc + nr, np.float32)
+  return out
+
+
+def _pair_sequences(prompt_ids, chosen_ids, rejected_ids, mask):
+  """(chosen, rejected) causal examples of a pair, weighted per `mask`."""
   k = first_divergence(chosen_ids, rejected_ids)
   seqs = []
   for comp, rejected in ((chosen_ids, False), (rejected_ids, True)):
@@ -254,22 +297,7 @@ def pair_example(prompt_ids, chosen_ids, rejected_ids, mask="full"):
       )
     full = np.concatenate([np.zeros(len(prompt_ids), np.float32), w])
     seqs.append(pipeline.causal_example(ids, full))
-  length = max(len(s["inputs"]) for s in seqs)
-
-  def pad(x):
-    return np.pad(x, (0, length - len(x)))
-
-  c, r = seqs
-  return {
-    "inputs": pad(c["inputs"]),
-    "targets": pad(c["targets"]),
-    "weights": pad(c["weights"]),
-    "rej_inputs": pad(r["inputs"]),
-    "rej_targets": pad(r["targets"]),
-    "rej_weights": pad(r["weights"]),
-    "ref_c": np.zeros(length, np.float32),
-    "ref_r": np.zeros(length, np.float32),
-  }
+  return tuple(seqs)
 
 
 class DPO(base.Objective):
@@ -285,6 +313,8 @@ class DPO(base.Objective):
   def __init__(self, config, tokenizer):
     super().__init__(config, tokenizer)
     d = config.dpo
+    if d.pack_pairs:  # many whole pairs a row, rows of both sequences' room
+      self.packing, self.seq_len_factor = True, 2
     if d.loss_type not in LOSS_TYPES:
       raise ConfigError(
         f"config.dpo.loss_type: unknown {d.loss_type!r}; expected one of "
@@ -300,13 +330,14 @@ class DPO(base.Objective):
       self.reference = "adapters_off"
     elif d.precompute_ref:
       self.reference = "precomputed"
-      self.precomputed_fields = ("ref_c", "ref_r")
+      self.precomputed_fields = ("ref",) if d.pack_pairs else ("ref_c", "ref_r")
     else:
       self.reference = "copy"
 
   # Host side -------------------------------------------------------------
   def make_examples(self, records, split="train"):
     d = self.config.dpo
+    make = packed_pair_example if d.pack_pairs else pair_example
     return fit_pairs(
       records,
       self.tokenizer,
@@ -318,7 +349,7 @@ class DPO(base.Objective):
       where=f"dpo {split}",
       stats=self.data_stats,
       split=split,
-      build=lambda rec, p, c, j, extra: pair_example(p, c, j, mask=d.mask),
+      build=lambda rec, p, c, j, extra: make(p, c, j, mask=d.mask),
     )
 
   def reference_params(self, params, trainable):
@@ -341,13 +372,14 @@ class DPO(base.Objective):
       pc, pr, _, _ = self._policy_logps(apply_fn, p, batch, None, False)
       return pc, pr
 
+    packed = self.config.dpo.pack_pairs
     bs = self.config.eval_batch_size
     batches = pipeline.make_eval_batches(
       examples,
-      seq_len=self.config.seq_len,
+      seq_len=self.config.seq_len * self.seq_len_factor,
       batch_size=bs,
       pad_id=self.tokenizer.pad_id,
-      packing=False,
+      packing=False,  # a pair a row: its log-probs are its row's first
     )
     outs = run_batches(fn, params, batches)
     pc = np.concatenate([o[0] for o in outs])[: len(examples)]
@@ -355,9 +387,13 @@ class DPO(base.Objective):
     done = []
     for ex, c, r in zip(examples, pc, pr, strict=True):
       ex = dict(ex)
-      ex["ref_c"] = ex["ref_c"].copy()
-      ex["ref_r"] = ex["ref_r"].copy()
-      ex["ref_c"][0], ex["ref_r"][0] = c, r
+      if packed:  # [B, K] slots: the row's pair is slot 0
+        ex["ref"] = ex["ref"].copy()
+        ex["ref"][0], ex["ref"][np.sum(ex["side"] == 0)] = c[0], r[0]
+      else:
+        ex["ref_c"] = ex["ref_c"].copy()
+        ex["ref_r"] = ex["ref_r"].copy()
+        ex["ref_c"][0], ex["ref_r"][0] = c, r
       done.append(ex)
     return done
 
@@ -369,8 +405,26 @@ class DPO(base.Objective):
 
   # Pure side -------------------------------------------------------------
   def _policy_logps(self, apply_fn, params, batch, rng, train):
-    """Chosen and rejected through one batched forward."""
+    """Chosen and rejected through one batched forward: (policy log-prob
+    chosen, rejected, weighted tokens chosen, rejected), per pair: [B], or
+    [B, K] pair slots of packed rows (`packed_pair_example`; empty slots
+    have 0 tokens)."""
     chex.assert_rank(batch["inputs"], 2)
+    if "side" in batch:
+      seg, side = batch["segment_ids"], batch["side"]
+      scores = apply_fn(
+        params,
+        batch["inputs"],
+        batch["seq_pos"],
+        pair_segments(seg, side),
+        rng=rng,
+        train=train,
+        targets=batch["targets"],
+      )  # TokenScores [B, T]
+      w = batch["weights"].astype(jnp.float32)
+      lp = pair_sums(scores.logp.astype(jnp.float32) * w, seg, side)
+      n = pair_sums(w, seg, side)
+      return lp[..., 0], lp[..., 1], n[..., 0], n[..., 1]
     two = lambda a, b: jnp.concatenate([a, b], axis=0)  # [2B, T]
     scores = apply_fn(
       params,
@@ -390,6 +444,9 @@ class DPO(base.Objective):
     pc, pr, nc, nr = self._policy_logps(apply_fn, params, batch, rng, train)
     if self.reference == "none":
       rc = rr = jnp.zeros_like(pc)
+    elif self.reference == "precomputed" and "side" in batch:
+      ref = pair_sums(batch["ref"], batch["segment_ids"], batch["side"])
+      rc, rr = ref[..., 0], ref[..., 1]
     elif self.reference == "precomputed":
       rc, rr = batch["ref_c"][:, 0], batch["ref_r"][:, 0]
     else:
