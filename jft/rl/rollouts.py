@@ -387,7 +387,10 @@ class PPORollouts(Rollouts):
     kl = (stats["old_logp"] - stats["ref_logp"]) * mask  # [N, T] (k1)
     rewards = -self.kl_coef * kl
     last = np.maximum(mask.shape[1] - 1 - np.argmax(mask[:, ::-1], -1), 0)
-    stopped = mask[np.arange(len(mask)), last] > 0
+    # The score goes on each completion's last generated token, ended by
+    # eos or cut at max_new_tokens alike (as TRL; `missing_eos_penalty`
+    # marks the cut ones); a row with no generated token gets none.
+    generated = mask[np.arange(len(mask)), last] > 0
     score = scores.copy()
     if p.missing_eos_penalty:
       ends = batch["targets"][np.arange(len(mask)), last]
@@ -396,7 +399,7 @@ class PPORollouts(Rollouts):
     raw = score
     if self.group_size > 1:  # the prompt's level: RLOO baseline
       score = np.asarray(losses.leave_one_out(score, self.group_size))
-    rewards[np.arange(len(mask)), last] += np.where(stopped, score, 0.0)
+    rewards[np.arange(len(mask)), last] += np.where(generated, score, 0.0)
     adv, ret = losses.gae(
       jnp.asarray(rewards),
       jnp.asarray(stats["old_values"] * mask),
