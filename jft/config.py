@@ -129,7 +129,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Threads that read and tokenize ahead of the train step when streaming.
   c.data.read_threads = 1
   # A tokenizer trained for a random init sees at most this many MB of the
-  # training text (its start, in file order); 0 = all of it.
+  # training text (its start, in file order; counted in characters); 0 =
+  # all of it.
   c.data.tokenizer_train_mb = 64
   c.data.builtin = ml_collections.ConfigDict(
     dict(tasks="add,copy,reverse,sort", n_train=8000, n_eval=200, seed=0)

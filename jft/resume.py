@@ -33,6 +33,7 @@ MAY_CHANGE = (
   "mesh.",  # orbax reshards on restore
   "model.logits_chunk",  # how the loss is computed, not what (same numbers)
   "data.read_threads",  # how records are read, not which
+  "data.tokenizer_train_mb",  # a resume loads the workdir's tokenizer
   "wandb.",  # where metrics are mirrored, not what is trained
   # The steps `data.num_epochs` passes take: counted from the data after
   # this check (the keys that shape the data may not change).
@@ -58,17 +59,30 @@ def _may_change(key: str, allowed: tuple[str, ...]) -> bool:
   )
 
 
+def defaults() -> dict:
+  """Every key's default (`jft.config.base_config`), flattened as saved."""
+  from jft import config as config_lib
+
+  return flatten(as_json(config_lib.base_config().to_dict()))
+
+
 def changes(
   old: dict, new: dict, allowed=()
 ) -> list[tuple[str, object, object]]:
-  """(key, old, new) for every key that differs and may not."""
+  """(key, old, new) for every key that differs and may not.
+
+  A key the saved config lacks (it was written by a jft without that key)
+  may have its default: a new key's default keeps the old behaviour."""
   allowed = MAY_CHANGE + tuple(allowed)
   a, b = flatten(old), flatten(new)
+  default = defaults()
   out = []
   for key in sorted(set(a) | set(b)):
     if _may_change(key, allowed):
       continue
     va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+    if va == "<absent>" and key in default and vb == default[key]:
+      continue
     if va != vb:
       out.append((key, va, vb))
   return out

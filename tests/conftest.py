@@ -22,21 +22,23 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 def _compilation_cache_dir() -> str:
   """One persistent XLA compilation cache for the whole test session: the
-  xdist workers and every subprocess a test launches (they inherit the
-  environment) share it, so a tiny model's step compiled by one test is
-  loaded, not compiled again, by the next that builds the same program
-  (about a third of the suite's time on 2 cores). Fresh per session, so
-  nothing from another checkout is ever loaded."""
+  xdist workers and every subprocess a test launches inherit it through
+  the environment, so a tiny model's step compiled by one test is loaded,
+  not compiled again, by the next that builds the same program (about a
+  third of the suite's time on 2 cores). New per session (named after the
+  process that set it, which deletes it at the end), so nothing from
+  another checkout or run is loaded."""
   import tempfile
 
-  run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
-  return os.path.join(tempfile.gettempdir(), f"jft-test-xla-cache-{run}")
+  return os.path.join(
+    tempfile.gettempdir(), f"jft-test-xla-cache-{os.getpid()}"
+  )
 
 
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _compilation_cache_dir()
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.3"
-  os.environ["JFT_TEST_OWNS_XLA_CACHE"] = "1"
+  os.environ["JFT_TEST_XLA_CACHE_OWNER"] = str(os.getpid())
 
 import pytest  # noqa: E402
 
@@ -105,10 +107,9 @@ def set_keys(c, overrides):
 
 
 def pytest_sessionfinish(session):
-  """The controller (not an xdist worker) removes the session's cache."""
-  if hasattr(session.config, "workerinput"):
-    return
-  if os.environ.get("JFT_TEST_OWNS_XLA_CACHE") == "1":
+  """The process that made the session's cache (the xdist controller, or
+  the one pytest process) deletes it."""
+  if os.environ.get("JFT_TEST_XLA_CACHE_OWNER") == str(os.getpid()):
     import shutil
 
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -364,6 +364,19 @@ def test_config_changes_table():
   assert resume.changes({"x": 1}, {}) == [("x", 1, "<absent>")]
 
 
+def test_a_key_newer_than_the_saved_config_may_keep_its_default():
+  """A workdir saved by a jft without `dpo.pack_pairs` resumes when the
+  key has its default (what the older code did), not with another value."""
+  saved = {"seed": 0, "dpo": {"beta": 0.1}}
+  same = {"seed": 0, "dpo": {"beta": 0.1, "pack_pairs": False}}
+  assert resume.changes(saved, same) == []
+  other = {"seed": 0, "dpo": {"beta": 0.1, "pack_pairs": True}}
+  assert resume.changes(saved, other) == [("dpo.pack_pairs", "<absent>", True)]
+  assert resume.changes({"seed": 0}, {"seed": 0, "made_up": 1}) == [
+    ("made_up", "<absent>", 1)
+  ]
+
+
 # Unwritable folders.
 
 

@@ -11,8 +11,9 @@ from conftest import tiny_config
 from jft import errors, train, validate
 from jft.data import jsonl, pipeline, sources, stream
 
-# BOM, blank and whitespace-only lines (LF and CRLF), a long line, unicode
-# and a last line without its newline: what the eager reader also takes.
+# BOM, blank and whitespace-only lines (LF and CRLF; ASCII, \x1c and
+# Unicode spaces: U+00A0, U+3000, U+2028), a long line, unicode and a last
+# line without its newline: what the eager reader also takes.
 AWKWARD = (
   b'\xef\xbb\xbf{"text": "first"}\n'
   b"\n"
@@ -21,7 +22,7 @@ AWKWARD = (
   + b'{"text": "'
   + b"long " * 3000
   + b'"}\n'
-  + b"\n\n"
+  + b"\n\xc2\xa0\n\x1c \xe3\x80\x80\xe2\x80\xa8\r\n"
   + b'{"text": "last, no newline"}'
 )
 
@@ -36,13 +37,13 @@ def _write(path, data: bytes):
 def test_index_reads_what_the_eager_reader_reads(tmp_path, chunk):
   path = _write(tmp_path / "a.jsonl", AWKWARD)
   ix = stream.index_file(path, chunk=chunk)
-  np.testing.assert_array_equal(ix.linenos, [1, 4, 5, 8])
+  np.testing.assert_array_equal(ix.linenos, [1, 4, 5, 9])
   src = stream.JsonlSource(path, ("text",))
   src_records = [src[i] for i in range(len(src))]
   eager = jsonl.read_jsonl(path, ("text",))
   assert [dict(r) for r in src_records] == [dict(r) for r in eager]
   assert [r.where for r in src_records] == [r.where for r in eager]
-  assert [r.where for r in eager][-1] == f"{path}:8"
+  assert [r.where for r in eager][-1] == f"{path}:9"
 
 
 def test_source_spans_files_in_order(tmp_path):
@@ -72,6 +73,22 @@ def test_a_bad_line_is_named_when_reached(tmp_path, line, message):
   with pytest.raises(jsonl.DataError, match=message) as e:
     src[1]
   assert f"{path}:3" in str(e.value)
+
+
+def test_many_files_are_read_with_few_open(tmp_path, monkeypatch):
+  """More files than the source keeps open: each is opened when read and
+  the least recently used closed; `close` closes what is left."""
+  monkeypatch.setattr(stream, "_MAX_OPEN", 3)
+  paths = []
+  for i in range(10):
+    paths.append(_write(tmp_path / f"{i}.jsonl", f'{{"i": {i}}}\n'.encode()))
+  src = stream.JsonlSource(",".join(paths))
+  for _ in range(2):
+    assert [src[i]["i"] for i in (0, 5, 9, 1, 5, 8)] == [0, 5, 9, 1, 5, 8]
+    assert len(src._open) == 3
+  src.close()
+  assert not src._open
+  assert src[4]["i"] == 4  # reopens
 
 
 def test_empty_and_missing_files_are_named(tmp_path):

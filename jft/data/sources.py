@@ -94,22 +94,25 @@ def data_files(config, workdir: str, kind: str) -> tuple[str, str]:
 
 def corpus_texts(train_spec: str, limit_mb: float = 0):
   """Every string field of the training records: what the model will see
-  (the text a new tokenizer is trained on), up to `limit_mb` MB of it from
-  the start, in file order (0: all). Records are read lazily, so a large
-  corpus is read only as far as the limit."""
+  (the text a new tokenizer is trained on), up to `limit_mb` MB of it
+  (counted in characters) from the start, in file order (0: all). Records
+  are read lazily, so a large corpus is read only as far as the limit."""
   limit = limit_mb * 2**20 if limit_mb else float("inf")
   seen = 0
   source = stream.JsonlSource(train_spec)
-  for i in range(len(source)):
-    for text in _texts(source[i]):
-      if seen >= limit:
-        print(
-          f"tokenizer: trained on the first {limit_mb} MB of the training "
-          "text (config.data.tokenizer_train_mb)"
-        )
-        return
-      seen += len(text)
-      yield text
+  try:
+    for i in range(len(source)):
+      for text in _texts(source[i]):
+        if seen >= limit:
+          print(
+            f"tokenizer: trained on the first {limit_mb} MB of the training "
+            "text (config.data.tokenizer_train_mb)"
+          )
+          return
+        seen += len(text)
+        yield text
+  finally:
+    source.close()
 
 
 def _texts(record: dict):
