@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -187,7 +188,9 @@ def phase_step() -> dict:
 
 
 def run_main(corpus: str, tok_path: str, workdir: str) -> dict:
-  """`jft.main` streaming the corpus: seconds to the first step's line."""
+  """`jft.main` streaming the corpus: seconds to the first step's line
+  (in a new `workdir`: an earlier run's is removed first)."""
+  shutil.rmtree(workdir, ignore_errors=True)
   cmd = [
     sys.executable,
     "-m",
