@@ -204,6 +204,16 @@ def test_invalid_pairs_can_be_counted_skips(suite_dir, capsys):
   assert "invalid" in capsys.readouterr().out
 
 
+def _policy_and_reference(config, tok):
+  """(apply_fn, policy params, other params as the reference) of the
+  config's model, from two seeds."""
+  model = transformer.Transformer(init.model_config(config, tok))
+  make = lambda s: model.init(
+    jax.random.PRNGKey(s), jnp.zeros((1, 8), jnp.int32)
+  )["params"]
+  return train.make_apply_fn(model), make(0), make(1)
+
+
 def test_objective_loss_matches_hand_computation(obj):
   """Policy and reference log-probs summed by hand from the model logits."""
   config, tok = obj.config, obj.tokenizer
@@ -216,12 +226,7 @@ def test_objective_loss_matches_hand_computation(obj):
     pad_id=tok.pad_id,
     packing=False,
   )[0]
-  model = transformer.Transformer(init.model_config(config, tok))
-  make = lambda s: model.init(
-    jax.random.PRNGKey(s), jnp.zeros((1, 8), jnp.int32)
-  )["params"]
-  policy, ref = make(0), make(1)
-  apply_fn = train.make_apply_fn(model)
+  apply_fn, policy, ref = _policy_and_reference(config, tok)
   loss_sum, n, mets = obj.loss(apply_fn, policy, batch, None, False, ref=ref)
 
   fwd = jax.jit(
@@ -288,12 +293,7 @@ def test_packed_pairs_give_the_padded_per_pair_losses(obj):
     packing=True,
   )
   assert max(b["segment_ids"].max() for b in packed_batches) >= 2
-  model = transformer.Transformer(init.model_config(config, tok))
-  make = lambda s: model.init(
-    jax.random.PRNGKey(s), jnp.zeros((1, 8), jnp.int32)
-  )["params"]
-  policy, ref = make(0), make(1)
-  apply_fn = train.make_apply_fn(model)
+  apply_fn, policy, ref = _policy_and_reference(config, tok)
   want = _per_pair(obj, apply_fn, policy, padded_batches)
   got = _per_pair(packed, apply_fn, policy, packed_batches)
   assert want.shape == got.shape == (12, 4)

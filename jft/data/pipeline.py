@@ -279,15 +279,20 @@ def _pack(
   return ds.map(functools.partial(_from_packed, keys=keys))
 
 
+def _batched(ds, batch_size: int, padding_row: Example) -> grain.IterDataset:
+  """Rows -> batches; a short last batch is filled with `padding_row`."""
+  batch_fn = functools.partial(
+    _stack_and_pad, batch_size=batch_size, padding_row=padding_row
+  )
+  return ds.batch(batch_size, batch_fn=batch_fn)
+
+
 def _build_dataset(examples: Sequence[Example], **kw) -> grain.IterDataset:
   """The grain graph shared by the train iterator and eval batches
   (keyword arguments as `_rows`')."""
   ds, padding_row = _rows(examples, **kw)
   batch_size = kw["batch_size"]
-  batch_fn = functools.partial(
-    _stack_and_pad, batch_size=batch_size, padding_row=padding_row
-  )
-  return ds.batch(batch_size, batch_fn=batch_fn)
+  return _batched(ds, batch_size, padding_row)
 
 
 def make_train_iter(
@@ -518,8 +523,5 @@ def make_stream_iter(
       functools.partial(_unpacked_row, seq_len=seq_len, pad_values=pad_values)
     )
   padding_row = _padding_row(proto, seq_len, pad_values)
-  batch_fn = functools.partial(
-    _stack_and_pad, batch_size=batch_size, padding_row=padding_row
-  )
   padding = _stack_and_pad([], batch_size=batch_size, padding_row=padding_row)
-  return iter(ds.batch(batch_size, batch_fn=batch_fn)), padding
+  return iter(_batched(ds, batch_size, padding_row)), padding
