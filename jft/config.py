@@ -252,6 +252,12 @@ def base_config() -> ml_collections.ConfigDict:
       # scores rollouts for the 'reward_model' reward function.
       reward_model="",
       samples_to_log=8,  # rollouts per round written to rollouts/samples
+      # DAPO's dynamic sampling (groups of > 1 sample: GRPO, PPO with
+      # num_generations > 1): more prompts are sampled, up to
+      # max_gen_batches batches a rollout, until every group's rewards
+      # differ; a group of equal rewards carries no advantage.
+      filter_groups=False,
+      max_gen_batches=4,
     )
   )
   # PPO (policy with a value head on its trunk: model.head='lm+value').

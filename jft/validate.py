@@ -436,6 +436,16 @@ def rules() -> tuple[Rule, ...]:
       "'lm' (objective 'ppo')",
       _is("ppo"),
     ),
+    r("rl.max_gen_batches", ge(1)),
+    Rule(
+      "rl.filter_groups",
+      lambda v, c: not v or _group_size(c) >= 2,
+      lambda c: (
+        "False with one sample per prompt (it compares a group's rewards; "
+        f"set {c.objective}.num_generations >= 2)"
+      ),
+      _is("ppo", "grpo"),
+    ),
     r("grpo.num_generations", ge(1)),
     Rule(
       "grpo.num_generations",

@@ -218,6 +218,7 @@ BAD = [
   ("ppo.clip", 0.0),
   ("ppo.critic", "separate"),
   ("grpo.num_generations", 0),
+  ("rl.max_gen_batches", 0),
   ("grpo.loss_type", "bnpo"),
   ("grpo.scale_rewards", "yes"),
   ("grpo.control", "sft"),
@@ -278,6 +279,7 @@ COMBOS = [
   ("dpo", {"dpo.loss_type": "orpo", "dpo.rpo_alpha": 1.0}, "dpo.rpo_alpha"),
   ("dpo", {"dpo.loss_type": "ipo", "dpo.label_smoothing": 0.1}, "dpo"),
   ("ppo", {"ppo.critic": "shared", "model.head": "lm"}, "model.head"),
+  ("ppo", {"rl.filter_groups": True}, "rl.filter_groups"),  # 1 sample each
   ("ppo", {"ppo.critic": "reward_model", "model.head": "lm"}, "rl.reward_m"),
   ("reward", {"model.head": "lm"}, "model.head"),
   ("sft", {"quant.kind": "nf4"}, "quant.kind"),  # 4-bit and nothing trains

@@ -136,7 +136,10 @@ def _metrics(workdir):
 def test_rl_runs_log_trl_metrics_and_keep_the_reference(
   suite_dir, tmp_path, objective, lora
 ):
-  config = _rl_config(suite_dir, objective, **{"lora.rank": lora})
+  # Full-FT GRPO also samples dynamically: a random model answers nothing
+  # right, so every group is alike and each rollout draws all its batches.
+  keys = {"rl.filter_groups": (objective, lora) == ("grpo", 0)}
+  config = _rl_config(suite_dir, objective, **{"lora.rank": lora, **keys})
   workdir = str(tmp_path / "w")
   last = train.run(config, workdir)
   names = {
@@ -158,6 +161,13 @@ def test_rl_runs_log_trl_metrics_and_keep_the_reference(
   rows = _metrics(workdir)
   logged = set().union(*rows)
   assert set(names) <= logged, set(names) - logged
+  if keys["rl.filter_groups"]:
+    batches = [
+      r["train/filter/gen_batches"]
+      for r in rows
+      if "train/filter/gen_batches" in r
+    ]
+    assert batches and all(b == config.rl.max_gen_batches for b in batches)
   assert "eval/task_accuracy" in last
   samples = os.path.join(workdir, "rollouts", "samples.jsonl")
   with open(samples) as fh:
@@ -417,3 +427,67 @@ def test_rollout_logps_are_of_the_sampled_tempered_distribution():
     jax.nn.log_softmax(table[inputs] * 3.0 / 0.5), targets[..., None], -1
   )[..., 0]
   np.testing.assert_allclose(stats["ref_logp"], ref_want, rtol=1e-6)
+
+
+def test_filter_groups_keeps_groups_whose_rewards_differ(monkeypatch):
+  """DAPO's dynamic sampling: batches are drawn until `prompts_per_rollout`
+  groups have differing rewards (or `max_gen_batches` is reached, when
+  groups of equal rewards fill the rest); reward means are the first
+  batch's."""
+  from jft import config as base
+
+  batches = iter(
+    [
+      [[1, 1], [0, 1], [0, 0]],  # one varied group (prompt b)
+      [[1, 0], [1, 1], [0, 1]],  # two more (d, f): three in all
+      [[0, 1], [0, 1], [0, 1]],  # never reached
+    ]
+  )
+  names = iter("abcdefghi")
+
+  def fake_sample(self, params, key):
+    scores = np.array(next(batches), np.float32)
+    rows = [next(names) for _ in range(3)]
+    rows = [r for r in rows for _ in range(2)]
+    return {
+      "rows": rows,
+      "prompt_ids": [[i] for i in range(6)],
+      "completions": [[7]] * 6,
+      "stopped": [True] * 6,
+      "texts": [r + "!" for r in rows],
+      "scores": scores.reshape(-1),
+      "metrics": {"rewards/task/mean": float(scores.mean())},
+    }
+
+  monkeypatch.setattr(rollouts.Rollouts, "_sample_once", fake_sample)
+  src = object.__new__(rollouts.GRPORollouts)
+  src.config = base.base_config()
+  src.config.rl.prompts_per_rollout = 3
+  src.group_size = 2
+  src.config.rl.filter_groups = True
+  out = src._sample(None, jax.random.PRNGKey(0))
+  assert out["rows"] == ["b", "b", "d", "d", "f", "f"]
+  np.testing.assert_array_equal(out["scores"], [0, 1, 1, 0, 0, 1])
+  assert out["texts"] == ["b!", "b!", "d!", "d!", "f!", "f!"]
+  assert out["metrics"]["rewards/task/mean"] == 0.5  # the first batch's
+  assert out["metrics"]["filter/gen_batches"] == 2.0
+  assert out["metrics"]["filter/sampled_zero_std_frac"] == 0.5
+  assert out["metrics"]["filter/kept_varied_frac"] == 1.0
+
+  # Out of batches: the varied group first, then equal ones, earliest first.
+  src.config.rl.max_gen_batches = 1
+  out = src._sample(None, jax.random.PRNGKey(0))  # the third batch above
+  assert out["rows"] == ["g", "g", "h", "h", "i", "i"]
+  batches = iter([[[1, 1], [0, 1], [0, 0]]])
+  names = iter("abc")
+  out = src._sample(None, jax.random.PRNGKey(0))
+  assert out["rows"] == ["b", "b", "a", "a", "c", "c"]
+  assert out["metrics"]["filter/kept_varied_frac"] == 1 / 3
+
+  # Off (the default): the one batch as sampled.
+  src.config.rl.filter_groups = False
+  batches = iter([[[1, 1], [0, 1], [0, 0]]])
+  names = iter("abc")
+  out = src._sample(None, jax.random.PRNGKey(0))
+  assert out["rows"] == ["a", "a", "b", "b", "c", "c"]
+  assert "filter/gen_batches" not in out["metrics"]

@@ -180,14 +180,12 @@ class Rollouts:
     return out
 
   # ------------------------------------------------------------ rollouts
-  def _new_round(self, state) -> dict:
-    self.round += 1
-    self.pos = 0
+  def _sample_once(self, params, key) -> dict:
+    """The next prompts, each `group_size` times, sampled once and scored:
+    {rows, prompt_ids, completions, stopped, texts, scores, metrics}."""
     rows = [r for r in self._next_prompts() for _ in range(self.group_size)]
     tok = self.tok
     prompt_ids = [list(tok.bos_prefix) + tok.encode(r["prompt"]) for r in rows]
-    key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), self.round)
-    params = state.params
     new = self.generator.generate(params, prompt_ids, key)
     comps = [split_completion(ids, tok.eos_ids) for ids in new]
     stopped = [s for _, s in comps]
@@ -195,8 +193,66 @@ class Rollouts:
       tok.decode([t for t in c if t not in tok.eos_ids]) for c, _ in comps
     ]
     scores, metrics = reward_fns.score(self.funcs, rows, texts, stopped)
+    return {
+      "rows": rows,
+      "prompt_ids": prompt_ids,
+      "completions": [c for c, _ in comps],
+      "stopped": stopped,
+      "texts": texts,
+      "scores": scores,
+      "metrics": metrics,
+    }
+
+  def _sample(self, params, key) -> dict:
+    """With `rl.filter_groups` (DAPO's dynamic sampling): keeps sampling
+    fresh prompts, up to `rl.max_gen_batches` batches, until
+    `prompts_per_rollout` groups have rewards that differ; a group whose
+    answers all score alike has zero advantage and only dilutes the
+    update. Short of that, groups of equal rewards fill the rest, the
+    earliest first. The reward functions' means are the first batch's:
+    the policy as sampled, not the kept groups."""
+    rl = self.config.rl
+    first = self._sample_once(params, key)
+    if not rl.filter_groups or self.group_size < 2:
+      return first
+    k, n = rl.prompts_per_rollout, self.group_size
+    varied, alike, zero, batches = [], [], [], 0
+    s = first
+    while True:
+      batches += 1
+      groups = s["scores"].reshape(-1, n)
+      for j, differs in enumerate(groups.std(-1) > 0):
+        (varied if differs else alike).append((s, j))
+        zero.append(not differs)
+      if len(varied) >= k or batches >= rl.max_gen_batches:
+        break
+      s = self._sample_once(params, jax.random.fold_in(key, batches))
+    picked = (varied + alike)[:k]
+    out = {
+      f: [x for s, j in picked for x in s[f][j * n : (j + 1) * n]]
+      for f in ("rows", "prompt_ids", "completions", "stopped", "texts")
+    }
+    out["scores"] = np.concatenate(
+      [s["scores"][j * n : (j + 1) * n] for s, j in picked]
+    )
+    out["metrics"] = {
+      **first["metrics"],
+      "filter/gen_batches": float(batches),
+      "filter/sampled_zero_std_frac": float(np.mean(zero)),
+      "filter/kept_varied_frac": min(len(varied), k) / k,
+    }
+    return out
+
+  def _new_round(self, state) -> dict:
+    self.round += 1
+    self.pos = 0
+    key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), self.round)
+    params = state.params
+    s = self._sample(params, key)
+    rows, texts, scores = s["rows"], s["texts"], s["scores"]
+    stopped, metrics = s["stopped"], s["metrics"]
     batch = pack_rows(
-      prompt_ids, [c for c, _ in comps], self.config.seq_len, tok.pad_id
+      s["prompt_ids"], s["completions"], self.config.seq_len, self.tok.pad_id
     )
     ref = self.objective.reference_tree(params, state.ref)
     stats = self._run(params, ref, batch)
