@@ -282,6 +282,11 @@ def base_config() -> ml_collections.ConfigDict:
       # prompt's other samples (RLOO) before GAE: the critic then learns
       # only what is left, not every prompt's level.
       num_generations=1,
+      # With num_generations > 1: 'rloo' subtracts the others' mean from each
+      # score; 'group_norm' is GRPO's (score - group mean) / group std
+      # (OpenRLHF's group_norm), so every prompt's group weighs the same
+      # whatever the spread of its scores.
+      group_baseline="rloo",
       # 'shared': value head on the policy trunk (model.head='lm+value');
       # 'reward_model': a separate critic from rl.reward_model (TRL's).
       critic="shared",

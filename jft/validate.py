@@ -429,6 +429,7 @@ def rules() -> tuple[Rule, ...]:
     r("ppo.critic_warmup_steps", ge(0)),
     r("ppo.num_generations", ge(1)),
     r("ppo.critic", one_of(critic.MODES)),
+    r("ppo.group_baseline", one_of(("rloo", "group_norm"))),
     Rule(
       "model.head",
       lambda v, c: v == _ppo_head(c),

@@ -217,6 +217,7 @@ BAD = [
   ("ppo.lam", -0.1),
   ("ppo.clip", 0.0),
   ("ppo.critic", "separate"),
+  ("ppo.group_baseline", "mean"),
   ("grpo.num_generations", 0),
   ("rl.max_gen_batches", 0),
   ("grpo.loss_type", "bnpo"),

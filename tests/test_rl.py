@@ -491,3 +491,41 @@ def test_filter_groups_keeps_groups_whose_rewards_differ(monkeypatch):
   out = src._sample(None, jax.random.PRNGKey(0))
   assert out["rows"] == ["a", "a", "b", "b", "c", "c"]
   assert "filter/gen_batches" not in out["metrics"]
+
+
+@pytest.mark.parametrize("baseline", ["rloo", "group_norm"])
+def test_ppo_group_baseline_sets_each_completions_return(baseline):
+  """With gamma = lam = 1, no KL and zero values, every generated token's
+  return is its row's score after the group baseline: RLOO (r_i minus the
+  others' mean) or GRPO's group normalisation ((r - mean) / (std + 1e-4),
+  std with n - 1)."""
+  from jft import config as base
+
+  src = object.__new__(rollouts.PPORollouts)
+  src.config = base.base_config()
+  src.config.ppo.group_baseline = baseline
+  src.config.ppo.gamma, src.config.ppo.lam = 1.0, 1.0
+  src.group_size, src.kl_coef = 2, 0.1
+  src.tok = type("Tok", (), {"eos_ids": (3,)})()
+  weights = np.array(
+    [[0, 1, 1, 0], [0, 1, 0, 0], [0, 1, 1, 1], [0, 1, 1, 0]], np.float32
+  )
+  batch = {"weights": weights, "targets": np.full((4, 4), 3, np.int32)}
+  logp = np.full((4, 4), -0.5, np.float32)
+  stats = {"old_logp": logp, "ref_logp": logp, "old_values": 0 * logp}
+  stats["entropy"] = 0 * logp
+  scores = np.array([1.0, 4.0, 2.0, -2.0], np.float32)
+  out = src._finish(batch, stats, scores, {})
+  if baseline == "rloo":
+    want = [1 - 4, 4 - 1, 2 + 2, -2 - 2]
+  else:  # pairs: mean m, std |a - b| / sqrt(2)
+    s1, s2 = 3 / np.sqrt(2), 4 / np.sqrt(2)
+    want = [
+      -1.5 / (s1 + 1e-4),
+      1.5 / (s1 + 1e-4),
+      2 / (s2 + 1e-4),
+      -2 / (s2 + 1e-4),
+    ]
+  for i in range(4):
+    got = out["returns"][i][weights[i] > 0]
+    np.testing.assert_allclose(got, want[i], rtol=1e-5)

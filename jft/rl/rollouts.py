@@ -453,7 +453,9 @@ class PPORollouts(Rollouts):
       no_eos = ~np.isin(ends, list(self.tok.eos_ids))
       score = score - p.missing_eos_penalty * no_eos
     raw = score
-    if self.group_size > 1:  # the prompt's level: RLOO baseline
+    if self.group_size > 1 and p.group_baseline == "group_norm":
+      score = np.asarray(losses.group_advantages(score, self.group_size))
+    elif self.group_size > 1:  # the prompt's level: RLOO baseline
       score = np.asarray(losses.leave_one_out(score, self.group_size))
     rewards[np.arange(len(mask)), last] += np.where(generated, score, 0.0)
     adv, ret = losses.gae(
