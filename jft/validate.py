@@ -431,6 +431,13 @@ def rules() -> tuple[Rule, ...]:
     r("ppo.critic", one_of(critic.MODES)),
     r("ppo.group_baseline", one_of(("rloo", "group_norm"))),
     Rule(
+      "ppo.group_baseline",
+      lambda v, c: v != "group_norm" or c.ppo.num_generations >= 2,
+      "'rloo' with one sample per prompt ('group_norm' normalises a "
+      "group's scores; set config.ppo.num_generations >= 2)",
+      _is("ppo"),
+    ),
+    Rule(
       "model.head",
       lambda v, c: v == _ppo_head(c),
       "'lm+value' with config.ppo.critic='shared' (the value head), else "

@@ -281,6 +281,7 @@ COMBOS = [
   ("dpo", {"dpo.loss_type": "ipo", "dpo.label_smoothing": 0.1}, "dpo"),
   ("ppo", {"ppo.critic": "shared", "model.head": "lm"}, "model.head"),
   ("ppo", {"rl.filter_groups": True}, "rl.filter_groups"),  # 1 sample each
+  ("ppo", {"ppo.group_baseline": "group_norm"}, "ppo.group_baseline"),
   ("ppo", {"ppo.critic": "reward_model", "model.head": "lm"}, "rl.reward_m"),
   ("reward", {"model.head": "lm"}, "model.head"),
   ("sft", {"quant.kind": "nf4"}, "quant.kind"),  # 4-bit and nothing trains
