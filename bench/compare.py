@@ -111,6 +111,8 @@ from bench_util import DPO_BETA, LR, Shape, cpu_name  # noqa: E402
 from jft_side import JftSystem  # noqa: E402
 from torch_side import TorchSystem, count_params, dtype_probe, hf_model  # noqa: E402
 
+from jft import hostmem  # noqa: E402
+
 WORKLOADS = ("full", "lora", "dpo")
 DTYPES = ("float32", "bfloat16")
 PARAM_TOLERANCE = 0.005  # relative difference allowed between param counts
@@ -452,6 +454,7 @@ def format_report(info: dict, args, rows) -> str:
     f"{info['torch_interop_threads']}); XLA:CPU's default intra-op pool: "
     f"{info.get('xla_threads', '?')} threads (XLA_FLAGS="
     f"{info['xla_flags'] or 'unset'})",
+    f"- host allocator, one process for both systems: {info['malloc']}",
     f"- shape {args.shape}: vocab {s.vocab_size}, d_model {s.d_model}, MLP "
     f"{s.mlp_dim}, {s.n_layers} layers, {s.n_heads} heads, {s.n_kv_heads} "
     f"KV heads; batch {s.batch} x {s.seq} (DPO: {s.batch} pairs, prompt "
@@ -525,6 +528,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     help="compile jft's step at XLA optimisation level 0 (smoke runs only: "
     "its timings are then not representative)",
   )
+  p.add_argument(
+    "--malloc",
+    default="jft",
+    choices=("jft", "default"),
+    help="jft: the allocator settings train.run applies (jft.hostmem), "
+    "process-wide, so PyTorch gets them too; default: glibc's",
+  )
   p.add_argument("--json", default="", help="write the rows here")
   args = p.parse_args(argv)
   defaults = (
@@ -556,6 +566,9 @@ def main(argv=None) -> list[dict]:
   torch.set_num_threads(threads)
   try:
     info = machine_info(threads)
+    info["malloc"] = hostmem.describe(
+      hostmem.tune_malloc() if args.malloc == "jft" else {"skipped": "--malloc"}
+    )
     rows = run(
       args.workloads,
       args.dtypes,

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jft import config as base_config
-from jft import optim, steps, train
+from jft import hostmem, optim, steps, train
 from jft.models import transformer
 from jft.objectives.clm import CLM
 from jft.state import TrainState, flat_paths, split_params
@@ -253,6 +253,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict[str, float]:
   args = parse_args(argv)
+  # As train.run does (JFT_MALLOC=default for glibc's own settings).
+  print(f"host allocator: {hostmem.describe(hostmem.tune_malloc())}")
   res = run(
     preset=args.preset,
     dtype=args.dtype,
