@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jft.models import head_loss, layers, rope
+from jft.models import attend, head_loss, layers, rope
 from jft.models.config import (  # noqa: F401 (re-exported: the model's API)
   FAMILIES,
   REMAT_POLICIES,
@@ -54,10 +54,6 @@ from jft.models.config import (  # noqa: F401 (re-exported: the model's API)
   config_from_dict,
   config_to_dict,
 )
-
-# Large negative, finite: fully masked rows give a uniform softmax, not NaN.
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-
 
 # Logical axes of the residual stream [B, T, D]. Under `sharding.
 # with_mesh_rules` (train.py) they pin it to the batch axes between blocks,
@@ -158,18 +154,13 @@ class Attention(nn.Module):
     # GQA without materialising repeated kv: query head h uses kv head
     # h // (H // KV), as HF `repeat_kv`.
     q = q.reshape(b, t, kv, h // kv, dh)  # [B, T, KV, G, Dh]
-    scores = jnp.einsum(
-      "btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32
-    )  # [B, KV, G, T, S]
     if cfg.query_pre_attn_scalar:  # Gemma 2/3
-      scores = scores * np.float32(cfg.query_pre_attn_scalar**-0.5)
+      scale = ("mul", cfg.query_pre_attn_scalar**-0.5)
     else:
-      scores = scores / np.sqrt(dh).astype(np.float32)
-    if cfg.attn_softcap:
-      scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
-    scores = jnp.where(mask, scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [B, T, KV, G, Dh]
+      scale = ("div", np.sqrt(dh))
+    out = attend.attend(
+      q, k, v, mask, scale=scale, softcap=cfg.attn_softcap or None
+    )  # [B, T, KV, G, Dh]
     out = out.reshape(b, t, h * dh)  # [B, T, H*Dh]
     o = _linear(cfg, cfg.d_model, ("heads", "embed"), "o", cfg.o_bias, det)
     return o(out), new_cache
