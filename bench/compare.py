@@ -355,6 +355,7 @@ def run(
   warmup: int,
   fast_compile: bool = False,
   say=print,
+  overrides: dict | None = None,
 ) -> list[dict]:
   """Builds every (workload, dtype) pair of systems, warms them up, then
   times them in interleaved rounds; one result row per pair."""
@@ -363,7 +364,9 @@ def run(
     for w in workloads:
       for d in dtypes:
         say(f"building {w} {d}: jft ...")
-        j = JftSystem(w, d, shape, fast_compile=fast_compile)
+        j = JftSystem(
+          w, d, shape, fast_compile=fast_compile, overrides=overrides
+        )
         say(f"building {w} {d}: PyTorch ...")
         cases[(w, d)] = (j, torch_system(w, d, shape))
     for (w, d), systems in cases.items():
@@ -454,7 +457,14 @@ def format_report(info: dict, args, rows) -> str:
     f"{info['torch_interop_threads']}); XLA:CPU's default intra-op pool: "
     f"{info.get('xla_threads', '?')} threads (XLA_FLAGS="
     f"{info['xla_flags'] or 'unset'})",
-    f"- host allocator, one process for both systems: {info['malloc']}",
+    "- host allocator, one process for both systems: "
+    + info.get("malloc", "not recorded"),
+    "- jft's attention backward: "
+    + (
+      "hand-written (model.attention_vjp=True)"
+      if args.attention_vjp
+      else "autodiff of the einsum path (the default)"
+    ),
     f"- shape {args.shape}: vocab {s.vocab_size}, d_model {s.d_model}, MLP "
     f"{s.mlp_dim}, {s.n_layers} layers, {s.n_heads} heads, {s.n_kv_heads} "
     f"KV heads; batch {s.batch} x {s.seq} (DPO: {s.batch} pairs, prompt "
@@ -535,6 +545,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     help="jft: the allocator settings train.run applies (jft.hostmem), "
     "process-wide, so PyTorch gets them too; default: glibc's",
   )
+  p.add_argument(
+    "--attention_vjp",
+    action="store_true",
+    help="jft with model.attention_vjp=True (the attention core's "
+    "hand-written backward; opt-in)",
+  )
   p.add_argument("--json", default="", help="write the rows here")
   args = p.parse_args(argv)
   defaults = (
@@ -578,6 +594,7 @@ def main(argv=None) -> list[dict]:
       args.warmup,
       fast_compile=args.fast_compile,
       say=lambda m: print(m, file=sys.stderr, flush=True),
+      overrides={"model.attention_vjp": True} if args.attention_vjp else None,
     )
     info["xla_threads"] = xla_pool_threads()
   finally:

@@ -5,11 +5,14 @@ build: model, AdamW, `steps.make_train_step`), each compiled once and timed
 in alternating rounds (one call of each per round, medians), so load from
 other processes hits every variant alike:
 
-  plain              autodiff matmuls (`matmul.autodiff_reference`) and
+  plain              autodiff matmuls (`matmul.autodiff_reference`), the
+                     einsum attention (`attend.autodiff_reference`) and
                      full [B, T, V] logits (`logits_chunk=0`): jft before
   matmul             `Linear` with the canonical-layout custom VJP
+  attention          the attention core's custom VJP alone
   matmul+chunk=N     and the fused LM head + log-softmax, N tokens a chunk
                      (jft's default `logits_chunk` holds ref-5M's 2048)
+  all+chunk=N        the three together: jft's default
   plain+chunk=N      the fused head alone
   ...,f32 dz         the fused head's backward dots in float32 (bf16 runs;
                      jft uses the compute dtype)
@@ -38,7 +41,7 @@ import jax
 import numpy as np
 
 from jft import train
-from jft.models import head_loss, matmul, transformer
+from jft.models import attend, head_loss, matmul, transformer
 from jft.objectives.clm import CLM
 
 
@@ -52,19 +55,37 @@ def _throughput():
   return tp
 
 
-def variants(chunks, vocab) -> dict[str, tuple[bool, dict]]:
-  """name -> (autodiff reference matmuls?, model overrides); chunks in
-  tokens (`logits_chunk` counts logits: tokens x vocab)."""
+def variants(chunks, vocab) -> dict[str, tuple[frozenset, dict]]:
+  """name -> (the paths kept at autodiff's reference: "matmul",
+  "attention"; model overrides); chunks in tokens (`logits_chunk` counts
+  logits: tokens x vocab)."""
+  both, full = frozenset({"matmul", "attention"}), {"logits_chunk": 0}
   out = {
-    "plain": (True, {"logits_chunk": 0}),
-    "matmul": (False, {"logits_chunk": 0}),
+    "plain": (both, full),
+    "matmul": (frozenset({"attention"}), full),
+    "attention": (frozenset({"matmul"}), full),
   }
   for c in chunks:
-    out[f"matmul+chunk={c}"] = (False, {"logits_chunk": c * vocab})
+    chunk = {"logits_chunk": c * vocab}
+    out[f"matmul+chunk={c}"] = (frozenset({"attention"}), chunk)
+    out[f"all+chunk={c}"] = (frozenset(), chunk)
   for c in chunks[:1]:
-    out[f"plain+chunk={c}"] = (True, {"logits_chunk": c * vocab})
-    out[f"matmul+chunk={c},f32 dz"] = (False, {"logits_chunk": c * vocab})
+    chunk = {"logits_chunk": c * vocab}
+    out[f"plain+chunk={c}"] = (both, chunk)
+    out[f"all+chunk={c},f32 dz"] = (frozenset(), chunk)
+  for refs, over in out.values():  # the model's switch for the VJP
+    over["attention_vjp"] = "attention" not in refs
   return out
+
+
+def reference_paths(paths) -> contextlib.ExitStack:
+  """Enters autodiff's reference for each named path."""
+  ctx = contextlib.ExitStack()
+  if "matmul" in paths:
+    ctx.enter_context(matmul.autodiff_reference())
+  if "attention" in paths:
+    ctx.enter_context(attend.autodiff_reference())
+  return ctx
 
 
 @contextlib.contextmanager
@@ -125,9 +146,7 @@ def run(dtype, preset, b, t, rounds, chunks, only=None) -> list[dict]:
   for name, (reference, over) in variants(chunks, vocab).items():
     if only and name not in only:
       continue
-    ctx = contextlib.ExitStack()
-    if reference:
-      ctx.enter_context(matmul.autodiff_reference())
+    ctx = reference_paths(reference)
     if name.endswith("f32 dz"):
       ctx.enter_context(f32_head_grad())
     with ctx:  # traced (and compiled) under it
@@ -139,7 +158,7 @@ def run(dtype, preset, b, t, rounds, chunks, only=None) -> list[dict]:
     built[name] = (compiled, state)
   ref32 = None
   if dtype != "float32":
-    with matmul.autodiff_reference():
+    with reference_paths({"matmul", "attention"}):
       cfg32 = dataclasses.replace(cfg, dtype="float32", logits_chunk=0)
       ref32 = _grad_fn(cfg32, data)(state.params)
   med = interleaved(

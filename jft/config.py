@@ -68,6 +68,9 @@ def model_config(preset: str = "tiny") -> ml_collections.ConfigDict:
       # at most this many float32 logits (tokens x vocab) at once; 0 =
       # full [B, T, V] logits. Same numbers; None = 2**26 (256 MiB).
       logits_chunk=ph(int),
+      # The attention core's hand-written backward (jft/models/attend.py):
+      # faster, same gradients to float rounding; off = the einsum path.
+      attention_vjp=ph(bool),
     )
   )
 

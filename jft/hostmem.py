@@ -26,7 +26,7 @@ import sys
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20  # glibc's maximum on 64-bit (HEAP_MAX_SIZE / 2)
-TRIM_THRESHOLD = 512 << 20  # a step's freed working set is kept for the next
+TRIM_THRESHOLD = 256 << 20  # a step's freed working set is kept for the next
 
 _applied: dict | None = None
 

@@ -375,6 +375,7 @@ FREE_FIELDS = (
   "remat",
   "head",
   "logits_chunk",
+  "attention_vjp",
 )
 HEAD_LEAVES = {"score": "score/kernel", "lm+value": "value_head/kernel"}
 

@@ -478,12 +478,12 @@ def _model_loss_grads(cfg, params, reference):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_model_fast_paths_match_plain(name):
   """Fused head (640 logits = 10 tokens: 2 x 12 tokens in 3 chunks of 2 x 5,
-  the last padded) + custom-VJP matmuls against full logits + autodiff,
-  float32."""
+  the last padded) + custom-VJP matmuls + the attention core's VJP
+  (`attention_vjp`) against full logits + autodiff, float32."""
   cfg = MODELS[name]
   _, params = _model_params(cfg)
   plain = dataclasses.replace(cfg, logits_chunk=0)
-  fast = dataclasses.replace(cfg, logits_chunk=640)
+  fast = dataclasses.replace(cfg, logits_chunk=640, attention_vjp=True)
   (l0, (lp0, c0)), g0 = _model_loss_grads(plain, params, reference=True)
   (l1, (lp1, c1)), g1 = _model_loss_grads(fast, params, reference=False)
   np.testing.assert_allclose(float(l1), float(l0), rtol=RTOL)
@@ -524,7 +524,7 @@ def test_preference_loss_fast_path_matches_plain(name):
   cfg = MODELS[name]
   _, params = _model_params(cfg)
   plain = dataclasses.replace(cfg, logits_chunk=0)
-  fast = dataclasses.replace(cfg, logits_chunk=640)
+  fast = dataclasses.replace(cfg, logits_chunk=640, attention_vjp=True)
   (l0, lp0), g0 = _dpo_loss_grads(plain, params, reference=True)
   (l1, lp1), g1 = _dpo_loss_grads(fast, params, reference=False)
   np.testing.assert_allclose(float(l1), float(l0), rtol=RTOL)
@@ -552,13 +552,34 @@ def test_score_head_refuses_targets():
 
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_with_fast_paths(remat):
-  cfg = dataclasses.replace(SMALL, logits_chunk=640)
+  cfg = dataclasses.replace(SMALL, logits_chunk=640, attention_vjp=True)
   _, params = _model_params(cfg)
   (l0, _), g0 = _model_loss_grads(cfg, params, reference=False)
   cfg_r = dataclasses.replace(cfg, remat=remat)
   (l1, _), g1 = _model_loss_grads(cfg_r, params, reference=False)
   np.testing.assert_allclose(float(l1), float(l0), rtol=RTOL)
   _close(g0, g1)
+
+
+def test_attention_vjp_is_opt_in_and_the_default_is_the_einsum_path():
+  """Off by default: the model traces the einsum path exactly as before
+  (same jaxpr as under `autodiff_reference`); on, it traces the VJP."""
+  assert base_config.base_config().model.attention_vjp is None
+  assert SMALL.attention_vjp is False
+  model = transformer.Transformer(SMALL)
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), TOKENS))
+
+  def jaxpr(cfg, reference=False):
+    m = transformer.Transformer(cfg)
+    ctx = attend.autodiff_reference() if reference else contextlib.nullcontext()
+    with ctx:
+      return str(jax.make_jaxpr(lambda p: m.apply(p, TOKENS))(params))
+
+  assert jaxpr(SMALL) == jaxpr(SMALL, reference=True)
+  on = dataclasses.replace(SMALL, attention_vjp=True)
+  # The matmuls are custom VJPs either way; one more per layer when on.
+  n_off, n_on = (jaxpr(c).count("custom_vjp_call") for c in (SMALL, on))
+  assert n_on > n_off
 
 
 def test_logits_chunk_config_key():
@@ -587,9 +608,9 @@ def test_fastpath_bench_runs_tiny():
     16,
     rounds=1,
     chunks=[8],
-    only=("plain", "matmul+chunk=8"),
+    only=("plain", "all+chunk=8"),
   )
-  assert [r["variant"] for r in rows] == ["plain", "matmul+chunk=8"]
+  assert [r["variant"] for r in rows] == ["plain", "all+chunk=8"]
   for r in rows:  # same model, same data: the fast paths change no number
     assert abs(r["loss"] - rows[0]["loss"]) < 1e-3 * abs(rows[0]["loss"])
     assert r["step_ms"] > 0 and r["grad_err_vs_f32"] < 0.1

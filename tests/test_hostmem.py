@@ -106,7 +106,7 @@ def test_a_users_own_allocator_choice_is_left_alone(env, reason):
 
 def test_describe_says_what_was_done():
   assert "32 MiB" in hostmem.describe(
-    {"mmap_threshold": 32 << 20, "trim_threshold": 512 << 20}
+    {"mmap_threshold": 32 << 20, "trim_threshold": 256 << 20}
   )
   assert "glibc malloc defaults (not glibc)" == hostmem.describe(
     {"skipped": "not glibc"}

@@ -142,16 +142,19 @@ def _reference(q, k, v, mask, scale, softcap, out_dtype):
   return jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [B, T, KV, G, Dh]
 
 
-def attend(q, k, v, mask, *, scale: tuple, softcap: float | None = None):
+def attend(
+  q, k, v, mask, *, scale: tuple, softcap: float | None = None, vjp=True
+):
   """q [B, T, KV, G, Dh] (query head h = kv * G + g); k, v [B, S, KV, Dh];
   mask bool [B, 1, 1, T, S] -> [B, T, KV, G, Dh] in v's dtype.
 
   scores = q . k, scaled by `scale` (("mul", c) or ("div", c)), tanh
   soft-capped when `softcap`, masked, then a float32 softmax cast to v's
-  dtype against v.
+  dtype against v. `vjp=False` (or `autodiff_reference`): the einsum path,
+  differentiated by autodiff.
   """
   mask = jnp.asarray(mask, bool)
-  if _REFERENCE:
+  if _REFERENCE or not vjp:
     return _reference(q, k, v, mask, scale, softcap, v.dtype)
   b, t, kv, g, dh = q.shape
   qh = jnp.transpose(q, (0, 2, 3, 1, 4)).reshape(b, kv, g * t, dh)

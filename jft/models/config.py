@@ -50,7 +50,11 @@ class TransformerConfig:
   (`jft.models.head_loss`), holding at most this many float32 logits
   (tokens x vocab, over the global batch) at once; 0: full [B, T, V]
   logits, as `__call__` without targets returns them. Same numbers either
-  way (to float rounding). `family`
+  way (to float rounding). `attention_vjp`: the attention core's
+  hand-written backward (`jft.models.attend`), 0.87-0.92x the ref-5M step
+  on CPU; gradients equal autodiff's to float rounding, but rounding is
+  enough to move a small model that sits on an edge (README, "Speed"), so
+  it is opt-in and the default stays bit-identical to earlier runs. `family`
   names the Hugging Face architecture the model exports as. `layer_types`
   gives each layer 'full' or 'sliding' attention; empty means every layer
   slides when `sliding_window` is set (Mistral), else none does.
@@ -89,6 +93,7 @@ class TransformerConfig:
   scan_layers: bool = True
   remat: str = "none"
   logits_chunk: int = LOGITS_CHUNK
+  attention_vjp: bool = False
   peft: peft_options.PeftOptions = peft_options.NONE
 
   def __post_init__(self):

@@ -159,7 +159,13 @@ class Attention(nn.Module):
     else:
       scale = ("div", np.sqrt(dh))
     out = attend.attend(
-      q, k, v, mask, scale=scale, softcap=cfg.attn_softcap or None
+      q,
+      k,
+      v,
+      mask,
+      scale=scale,
+      softcap=cfg.attn_softcap or None,
+      vjp=cfg.attention_vjp,
     )  # [B, T, KV, G, Dh]
     out = out.reshape(b, t, h * dh)  # [B, T, H*Dh]
     o = _linear(cfg, cfg.d_model, ("heads", "embed"), "o", cfg.o_bias, det)
