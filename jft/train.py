@@ -317,19 +317,32 @@ def total_steps(config, data_steps: int | None) -> int:
   return min(config.total_steps or data_steps, data_steps)
 
 
+def _batch_row(config) -> tuple[str, int, str]:
+  """(what `batch_size` counts, token slots in one, how to print them).
+  DPO and reward rows are pairs, chosen and rejected each `seq_len` long;
+  packed pairs are rows of 2 x `seq_len` holding whole pairs."""
+  t = config.seq_len
+  if config.objective == "dpo" and config.dpo.pack_pairs:
+    return "rows", 2 * t, f"2 x {t} tokens (packed pairs)"
+  if config.objective in ("dpo", "reward"):
+    return "pairs", 2 * t, f"2 x {t} tokens"
+  return "rows", t, f"{t} tokens"
+
+
 def describe_batch(config, n_proc: int) -> str:
   """One line: rows and tokens per optimizer step, and how they are made
   (`batch_size` is global; grad accumulation splits it, not multiplies)."""
-  b, k, t = config.batch_size, config.grad_accum_steps, config.seq_len
+  b, k = config.batch_size, config.grad_accum_steps
+  unit, slots, shape = _batch_row(config)
   if b % (n_proc * k) == 0:
     parts = [f"{n_proc} process{'es' if n_proc > 1 else ''}"] * (n_proc > 1)
     parts += [f"{k} accumulated micro-batches"] * (k > 1)
-    how = " x ".join(parts + [f"{b // (n_proc * k)} rows"])
+    how = " x ".join(parts + [f"{b // (n_proc * k)} {unit}"])
   else:
     how = f"batch_size {b}, grad_accum_steps {k}, {n_proc} processes"
   return (
-    f"effective batch: {b} rows x {t} tokens = {b * t:,} tokens per step "
-    f"({how})"
+    f"effective batch: {b} {unit} x {shape} = {b * slots:,} tokens per "
+    f"step ({how})"
   )
 
 

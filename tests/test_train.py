@@ -397,6 +397,15 @@ def test_steps_batch_line_and_summary_by_hand(suite_dir, tmp_path):
   assert train.describe_batch(c, 1).endswith(
     "(2 accumulated micro-batches x 16 rows)"
   )
+  c.objective = "dpo"  # a row is a pair: chosen and rejected
+  assert train.describe_batch(c, 1) == (
+    "effective batch: 32 pairs x 2 x 128 tokens = 8,192 tokens per "
+    "step (2 accumulated micro-batches x 16 pairs)"
+  )
+  c.dpo.pack_pairs = True  # rows of 2 x seq_len, whole pairs in each
+  assert train.describe_batch(c, 1).startswith(
+    "effective batch: 32 rows x 2 x 128 tokens (packed pairs) = 8,192"
+  )
   # The end summary: the last value of each headline metric present, and
   # the files a run wrote.
   rows = [{"step": 0, "eval/loss": 3.0}, {"step": 5, "train/loss": 1.5}]
