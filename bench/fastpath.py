@@ -12,7 +12,8 @@ other processes hits every variant alike:
   attention          the attention core's custom VJP alone
   matmul+chunk=N     and the fused LM head + log-softmax, N tokens a chunk
                      (jft's default `logits_chunk` holds ref-5M's 2048)
-  all+chunk=N        the three together: jft's default
+  all+chunk=N        the three together (jft's default is matmul+chunk=N:
+                     the attention VJP is opt-in, model.attention_vjp)
   plain+chunk=N      the fused head alone
   ...,f32 dz         the fused head's backward dots in float32 (bf16 runs;
                      jft uses the compute dtype)
