@@ -10,10 +10,12 @@ other processes hits every variant alike:
                      full [B, T, V] logits (`logits_chunk=0`): jft before
   matmul             `Linear` with the canonical-layout custom VJP
   attention          the attention core's custom VJP alone
+  mlp                the gated MLP activation's custom VJP alone
   matmul+chunk=N     and the fused LM head + log-softmax, N tokens a chunk
                      (jft's default `logits_chunk` holds ref-5M's 2048)
-  all+chunk=N        the three together (jft's default is matmul+chunk=N:
-                     the attention VJP is opt-in, model.attention_vjp)
+  all+chunk=N        all four together (jft's default is matmul+chunk=N:
+                     the attention and MLP VJPs are opt-in,
+                     model.attention_vjp and model.mlp_vjp)
   plain+chunk=N      the fused head alone
   ...,f32 dz         the fused head's backward dots in float32 (bf16 runs;
                      jft uses the compute dtype)
@@ -58,29 +60,32 @@ def _throughput():
 
 def variants(chunks, vocab) -> dict[str, tuple[frozenset, dict]]:
   """name -> (the paths kept at autodiff's reference: "matmul",
-  "attention"; model overrides); chunks in tokens (`logits_chunk` counts
-  logits: tokens x vocab)."""
-  both, full = frozenset({"matmul", "attention"}), {"logits_chunk": 0}
+  "attention", "mlp"; model overrides); chunks in tokens (`logits_chunk`
+  counts logits: tokens x vocab)."""
+  every, full = frozenset({"matmul", "attention", "mlp"}), {"logits_chunk": 0}
   out = {
-    "plain": (both, full),
-    "matmul": (frozenset({"attention"}), full),
-    "attention": (frozenset({"matmul"}), full),
+    "plain": (every, full),
+    "matmul": (every - {"matmul"}, full),
+    "attention": (every - {"attention"}, full),
+    "mlp": (every - {"mlp"}, full),
   }
   for c in chunks:
     chunk = {"logits_chunk": c * vocab}
-    out[f"matmul+chunk={c}"] = (frozenset({"attention"}), chunk)
+    out[f"matmul+chunk={c}"] = (every - {"matmul"}, chunk)
     out[f"all+chunk={c}"] = (frozenset(), chunk)
   for c in chunks[:1]:
     chunk = {"logits_chunk": c * vocab}
-    out[f"plain+chunk={c}"] = (both, chunk)
+    out[f"plain+chunk={c}"] = (every, chunk)
     out[f"all+chunk={c},f32 dz"] = (frozenset(), chunk)
-  for refs, over in out.values():  # the model's switch for the VJP
+  for refs, over in out.values():  # the model's switches for the VJPs
     over["attention_vjp"] = "attention" not in refs
+    over["mlp_vjp"] = "mlp" not in refs
   return out
 
 
 def reference_paths(paths) -> contextlib.ExitStack:
-  """Enters autodiff's reference for each named path."""
+  """Enters autodiff's reference for each named path ("mlp" is only the
+  model's switch)."""
   ctx = contextlib.ExitStack()
   if "matmul" in paths:
     ctx.enter_context(matmul.autodiff_reference())

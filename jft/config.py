@@ -71,6 +71,8 @@ def model_config(preset: str = "tiny") -> ml_collections.ConfigDict:
       # The attention core's hand-written backward (jft/models/attend.py):
       # faster, same gradients to float rounding; off = the einsum path.
       attention_vjp=ph(bool),
+      # The same for the gated MLP's activation (jft/models/gated.py).
+      mlp_vjp=ph(bool),
     )
   )
 

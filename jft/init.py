@@ -376,6 +376,7 @@ FREE_FIELDS = (
   "head",
   "logits_chunk",
   "attention_vjp",
+  "mlp_vjp",
 )
 HEAD_LEAVES = {"score": "score/kernel", "lm+value": "value_head/kernel"}
 

@@ -11,6 +11,9 @@
    logits: per-token log-probs, argmax flags, weighted loss and gradients,
    for chunk sizes that do and do not divide the tokens, untied and tied
    heads, soft-capping, and through the whole model and objectives.
+2b. `jft.models.attend` (`model.attention_vjp`) and 2c. `jft.models.gated`
+   (`model.mlp_vjp`): the attention core's and the gated MLP activation's
+   hand-written backward passes against autodiff, the same two ways.
 """
 
 import contextlib
@@ -28,7 +31,7 @@ from flax import traverse_util
 from jft import config as base_config
 from jft import losses, validate
 from jft.errors import ConfigError
-from jft.models import attend, head_loss, layers, matmul, transformer
+from jft.models import attend, gated, head_loss, layers, matmul, transformer
 from jft.models import config as model_config
 from jft.objectives import base
 from jft.peft import lora, quant
@@ -382,6 +385,57 @@ def test_attention_core_bfloat16_no_less_accurate():
     assert e_fast <= BF16_MARGIN * e_plain + BF16_FLOOR, (e_fast, e_plain)
 
 
+# ------------------------------------------ 2c. gated MLP activation
+
+
+def _gated_vg(kind, c, vjp):
+  def loss(gate, up):
+    h = gated.gated(gate, up, kind, vjp=vjp)
+    return jnp.sum(h.astype(jnp.float32) * c), h
+
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+
+def _gated_inputs(seed=0):
+  rng = np.random.default_rng(seed)
+  gate, up, c = (
+    jnp.asarray(rng.normal(0, 2, (3, 5, 16)), jnp.float32) for _ in range(3)
+  )
+  return gate, up, c
+
+
+@pytest.mark.parametrize("kind", ["silu", "gelu_tanh"])
+def test_gated_activation_matches_autodiff(kind):
+  """Float32: the value is the plain expression's, bit for bit; the
+  gradients equal autodiff's to rounding."""
+  gate, up, c = _gated_inputs()
+  (l0, h0), g0 = _gated_vg(kind, c, vjp=False)(gate, up)
+  (l1, h1), g1 = _gated_vg(kind, c, vjp=True)(gate, up)
+  np.testing.assert_array_equal(np.asarray(h1), np.asarray(h0))
+  assert float(l1) == float(l0)
+  _close(g0, g1)
+  # By hand for SwiGLU: d_up = c * silu(gate), d_gate = c * up * silu'(gate).
+  if kind == "silu":
+    g, u, cc = (np.asarray(x, np.float64) for x in (gate, up, c))
+    sig = 1 / (1 + np.exp(-g))
+    _close((cc * u * sig * (1 + g * (1 - sig)), cc * g * sig), g1)
+
+
+@pytest.mark.parametrize("kind", ["silu", "gelu_tanh"])
+def test_gated_activation_bfloat16_no_less_accurate(kind):
+  gate, up, c = _gated_inputs(seed=3)
+  _, ref = _gated_vg(kind, c, vjp=False)(gate, up)
+  g16, u16 = gate.astype(jnp.bfloat16), up.astype(jnp.bfloat16)
+  (_, h0), plain = _gated_vg(kind, c, vjp=False)(g16, u16)
+  (_, h1), fast = _gated_vg(kind, c, vjp=True)(g16, u16)
+  np.testing.assert_array_equal(
+    np.asarray(h1, np.float32), np.asarray(h0, np.float32)
+  )
+  for r, p, f in zip(ref, plain, fast, strict=True):
+    e_plain, e_fast = _rel_err(r, p), _rel_err(r, f)
+    assert e_fast <= BF16_MARGIN * e_plain + BF16_FLOOR, (e_fast, e_plain)
+
+
 # -------------------------------------------- 3. through model/objective
 
 TOKENS = jax.random.randint(jax.random.PRNGKey(9), (2, 12), 0, 64)
@@ -418,6 +472,8 @@ LORA_HEAD = dataclasses.replace(
   SMALL,
   peft=PeftOptions(lora_rank=4, lora_targets=r"lm_head|layers/attn/q"),
 )
+# Every hand-written backward the model config can switch on.
+VJPS = {"attention_vjp": True, "mlp_vjp": True}
 MODELS = {
   "llama": SMALL,
   "gemma2-tied-softcap": GEMMA2,
@@ -478,12 +534,12 @@ def _model_loss_grads(cfg, params, reference):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_model_fast_paths_match_plain(name):
   """Fused head (640 logits = 10 tokens: 2 x 12 tokens in 3 chunks of 2 x 5,
-  the last padded) + custom-VJP matmuls + the attention core's VJP
-  (`attention_vjp`) against full logits + autodiff, float32."""
+  the last padded) + custom-VJP matmuls + the attention core's and the
+  gated MLP's VJPs (`VJPS`) against full logits + autodiff, float32."""
   cfg = MODELS[name]
   _, params = _model_params(cfg)
   plain = dataclasses.replace(cfg, logits_chunk=0)
-  fast = dataclasses.replace(cfg, logits_chunk=640, attention_vjp=True)
+  fast = dataclasses.replace(cfg, logits_chunk=640, **VJPS)
   (l0, (lp0, c0)), g0 = _model_loss_grads(plain, params, reference=True)
   (l1, (lp1, c1)), g1 = _model_loss_grads(fast, params, reference=False)
   np.testing.assert_allclose(float(l1), float(l0), rtol=RTOL)
@@ -524,7 +580,7 @@ def test_preference_loss_fast_path_matches_plain(name):
   cfg = MODELS[name]
   _, params = _model_params(cfg)
   plain = dataclasses.replace(cfg, logits_chunk=0)
-  fast = dataclasses.replace(cfg, logits_chunk=640, attention_vjp=True)
+  fast = dataclasses.replace(cfg, logits_chunk=640, **VJPS)
   (l0, lp0), g0 = _dpo_loss_grads(plain, params, reference=True)
   (l1, lp1), g1 = _dpo_loss_grads(fast, params, reference=False)
   np.testing.assert_allclose(float(l1), float(l0), rtol=RTOL)
@@ -552,7 +608,7 @@ def test_score_head_refuses_targets():
 
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_with_fast_paths(remat):
-  cfg = dataclasses.replace(SMALL, logits_chunk=640, attention_vjp=True)
+  cfg = dataclasses.replace(SMALL, logits_chunk=640, **VJPS)
   _, params = _model_params(cfg)
   (l0, _), g0 = _model_loss_grads(cfg, params, reference=False)
   cfg_r = dataclasses.replace(cfg, remat=remat)
@@ -561,9 +617,10 @@ def test_remat_with_fast_paths(remat):
   _close(g0, g1)
 
 
-def test_attention_vjp_is_opt_in_and_the_default_is_the_einsum_path():
-  """Off by default: the model traces the einsum path exactly as before
-  (same jaxpr as under `autodiff_reference`); on, it traces the VJP."""
+def test_vjps_are_opt_in_and_the_default_is_the_autodiff_path():
+  """Off by default: the model traces the einsum attention exactly as
+  before (same jaxpr as under `autodiff_reference`); each switch on traces
+  its VJP."""
   assert base_config.base_config().model.attention_vjp is None
   assert SMALL.attention_vjp is False
   model = transformer.Transformer(SMALL)
@@ -576,10 +633,13 @@ def test_attention_vjp_is_opt_in_and_the_default_is_the_einsum_path():
       return str(jax.make_jaxpr(lambda p: m.apply(p, TOKENS))(params))
 
   assert jaxpr(SMALL) == jaxpr(SMALL, reference=True)
-  on = dataclasses.replace(SMALL, attention_vjp=True)
-  # The matmuls are custom VJPs either way; one more per layer when on.
-  n_off, n_on = (jaxpr(c).count("custom_vjp_call") for c in (SMALL, on))
-  assert n_on > n_off
+  # The matmuls are custom VJPs either way; more when a switch is on.
+  assert base_config.base_config().model.mlp_vjp is None
+  assert SMALL.mlp_vjp is False
+  n_off = jaxpr(SMALL).count("custom_vjp_call")
+  for key in VJPS:
+    on = dataclasses.replace(SMALL, **{key: True})
+    assert jaxpr(on).count("custom_vjp_call") > n_off, key
 
 
 def test_logits_chunk_config_key():

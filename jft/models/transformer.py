@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jft.models import attend, head_loss, layers, rope
+from jft.models import attend, gated, head_loss, layers, rope
 from jft.models.config import (  # noqa: F401 (re-exported: the model's API)
   FAMILIES,
   REMAT_POLICIES,
@@ -183,11 +183,7 @@ class Mlp(nn.Module):
     cfg, det = self.config, self.deterministic
     gate = _linear(cfg, cfg.mlp_dim, ("embed", "mlp"), "gate", False, det)(x)
     up = _linear(cfg, cfg.mlp_dim, ("embed", "mlp"), "up", False, det)(x)
-    if cfg.mlp_act == "gelu_tanh":
-      act = jax.nn.gelu(gate, approximate=True)
-    else:
-      act = nn.silu(gate)
-    hidden = act * up  # [B, T, F]
+    hidden = gated.gated(gate, up, cfg.mlp_act, cfg.mlp_vjp)  # [B, T, F]
     down = _linear(cfg, cfg.d_model, ("mlp", "embed"), "down", False, det)
     return down(hidden)
 
