@@ -465,6 +465,12 @@ def format_report(info: dict, args, rows) -> str:
       if args.attention_vjp
       else "autodiff of the einsum path (the default)"
     ),
+    "- jft's gated MLP activation backward: "
+    + (
+      "hand-written (model.mlp_vjp=True)"
+      if args.mlp_vjp
+      else "autodiff (the default)"
+    ),
     f"- shape {args.shape}: vocab {s.vocab_size}, d_model {s.d_model}, MLP "
     f"{s.mlp_dim}, {s.n_layers} layers, {s.n_heads} heads, {s.n_kv_heads} "
     f"KV heads; batch {s.batch} x {s.seq} (DPO: {s.batch} pairs, prompt "
@@ -517,6 +523,10 @@ def format_report(info: dict, args, rows) -> str:
   return "\n".join(lines)
 
 
+# jft's opt-in hand-written backward passes, one flag each.
+VJP_KEYS = ("attention_vjp", "mlp_vjp")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workloads", default=",".join(WORKLOADS))
@@ -542,13 +552,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     "--malloc",
     default="jft",
     choices=("jft", "default"),
-    help="jft: the allocator settings train.run applies (jft.hostmem), "
-    "process-wide, so PyTorch gets them too; default: glibc's",
+    help="jft: the host settings jft.main applies (jft.hostmem: malloc, "
+    "process-wide, so PyTorch gets them too; JAX's CPU dispatch inline); "
+    "default: glibc's and JAX's",
   )
   p.add_argument(
     "--attention_vjp",
     action="store_true",
     help="jft with model.attention_vjp=True (the attention core's "
+    "hand-written backward; opt-in)",
+  )
+  p.add_argument(
+    "--mlp_vjp",
+    action="store_true",
+    help="jft with model.mlp_vjp=True (the gated MLP activation's "
     "hand-written backward; opt-in)",
   )
   p.add_argument("--json", default="", help="write the rows here")
@@ -582,8 +599,10 @@ def main(argv=None) -> list[dict]:
   torch.set_num_threads(threads)
   try:
     info = machine_info(threads)
-    info["malloc"] = hostmem.describe(
-      hostmem.tune_malloc() if args.malloc == "jft" else {"skipped": "--malloc"}
+    info["malloc"] = (
+      hostmem.tune()
+      if args.malloc == "jft"
+      else hostmem.describe({"skipped": "--malloc"})
     )
     rows = run(
       args.workloads,
@@ -594,7 +613,8 @@ def main(argv=None) -> list[dict]:
       args.warmup,
       fast_compile=args.fast_compile,
       say=lambda m: print(m, file=sys.stderr, flush=True),
-      overrides={"model.attention_vjp": True} if args.attention_vjp else None,
+      overrides={f"model.{k}": True for k in VJP_KEYS if getattr(args, k)}
+      or None,
     )
     info["xla_threads"] = xla_pool_threads()
   finally:

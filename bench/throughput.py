@@ -253,8 +253,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict[str, float]:
   args = parse_args(argv)
-  # As train.run does (JFT_MALLOC=default for glibc's own settings).
-  print(f"host allocator: {hostmem.describe(hostmem.tune_malloc())}")
+  # As jft.main does (JFT_MALLOC=default for glibc's and JAX's own).
+  print(f"host memory: {hostmem.tune()}")
   res = run(
     preset=args.preset,
     dtype=args.dtype,

@@ -28,7 +28,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jft import cli, errors
+from jft import cli, errors, hostmem
 from jft.validate import validate
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -153,6 +153,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   validate(config)  # before any stage trains or any device is touched
+  hostmem.tune()  # before JAX creates its CPU client
   maybe_init_distributed()
   from jft import init, train  # after distributed init: may touch devices
 

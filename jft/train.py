@@ -102,7 +102,7 @@ def run(
   and raise `errors.Preempted`; one run per workdir (`runlock`).
   """
   validate(config)  # every value rule, before anything is built
-  logging.info("host memory: %s", hostmem.describe(hostmem.tune_malloc()))
+  logging.info("host memory: %s", hostmem.tune())
   os.makedirs(workdir, exist_ok=True)
   primary = jax.process_index() == 0
   say = print if primary else (lambda *_: None)

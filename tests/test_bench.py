@@ -138,11 +138,15 @@ def _check_compare_rows(rows, printed, workloads, dtypes):
 
 
 def test_compare_quick_full_lora(capsys):
-  """jft vs transformers (+ PEFT), bf16 autocast; seconds, not minutes."""
+  """jft vs transformers (+ PEFT), bf16 autocast; seconds, not minutes.
+  With jft's opt-in hand-written backward passes, which the header names."""
   argv = ["--quick", "--workloads", "full,lora", "--dtypes", "bfloat16"]
+  argv += ["--attention_vjp", "--mlp_vjp"]
   rows = _load("compare").main(argv)
   printed = capsys.readouterr().out
   _check_compare_rows(rows, printed, ["full", "lora"], ["bfloat16"])
+  assert "hand-written (model.attention_vjp=True)" in printed
+  assert "hand-written (model.mlp_vjp=True)" in printed
   lora = rows[1]
   assert 0 < lora["jft_trainable"] < lora["jft_params"] / 2  # adapters only
 
@@ -201,3 +205,22 @@ def test_pipeline_bench_phases_run_tiny(tmp_path, suite_dir):
   assert s["first_batch_s"] >= s["index_s"] > 0
   e = bp.phase_eager(corpus, tok)
   assert e["first_batch_s"] > 0 and e["data_mib"] >= 0
+
+
+def test_hostmem_bench_runs_tiny(capsys):
+  """Fresh processes per mode; the loss is the same with either setting."""
+  rows = _load("hostmem").main(
+    ["--preset", "tiny", "--dtypes", "float32", "--rounds", "1", "--steps", "2"]
+  )
+  printed = capsys.readouterr().out
+  assert [(r["dtype"], r["mode"]) for r in rows] == [
+    ("float32", "jft"),
+    ("float32", "thresholds"),
+    ("float32", "default"),
+  ]
+  assert "no mmap" in rows[0]["settings"]
+  assert "32 MiB" in rows[1]["settings"]
+  assert "glibc malloc defaults" in rows[2]["settings"]
+  assert all(r["losses_equal"] and r["step_s"] > 0 for r in rows)
+  assert rows[2]["ratio"] == 1.0
+  assert "| float32 | jft |" in printed
