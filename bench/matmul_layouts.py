@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jft import hostmem
 from jft.models import layers
 from jft.models import matmul as jft_matmul
 
@@ -388,7 +389,9 @@ def _component(op_name: str) -> str:
   return f"{phase} other"
 
 
-def run_profile(dtype: str, preset: str, b: int, t: int, before: bool):
+def run_profile(
+  dtype: str, preset: str, b: int, t: int, before: bool, vjps: bool = False
+):
   """Per-op time of the train step from a jax.profiler trace (CPU thunks),
   grouped by model component; names map to HLO op_name metadata."""
   import collections
@@ -402,6 +405,8 @@ def run_profile(dtype: str, preset: str, b: int, t: int, before: bool):
   ctx = jft_matmul.autodiff_reference() if before else contextlib.nullcontext()
   with ctx:
     over = PLAIN if before else {}
+    if vjps and not before:  # jft's opt-in backward passes
+      over = {"attention_vjp": True, "mlp_vjp": True}
     cfg, step_fn, state = tp.build(preset, dtype, "none", overrides=over)
     rng = np.random.default_rng(0)
     data = jax.device_put(tp.random_batch(rng, b, t, cfg.vocab_size))
@@ -439,6 +444,8 @@ def run_profile(dtype: str, preset: str, b: int, t: int, before: bool):
   for name, ms in per_op.items():
     groups[_component(op_names[name])] += ms
   label = "autodiff, full logits (before)" if before else "jft (fast paths)"
+  if vjps and not before:
+    label = "jft (fast paths and the opt-in backward passes)"
   print(
     f"== profile {label}, {preset} {dtype}: {wall * 1e3:.0f} ms/step"
     f" under the profiler; op times summed over threads = {total:.0f} ms"
@@ -468,11 +475,17 @@ def main(argv=None) -> None:
   p.add_argument(
     "--profile", action="store_true", help="per-op breakdown of the step"
   )
+  p.add_argument(
+    "--vjps",
+    action="store_true",
+    help="with --profile: model.attention_vjp and mlp_vjp on",
+  )
   args = p.parse_args(argv)
+  print(f"host memory: {hostmem.tune()}")  # as jft.main does
   if args.profile:
     for dtype in ("float32", "bfloat16"):
       for before in (True, False):
-        run_profile(dtype, args.preset, args.batch, args.seq, before)
+        run_profile(dtype, args.preset, args.batch, args.seq, before, args.vjps)
     return
   if not args.skip_dots:
     run_dots(args.rounds)

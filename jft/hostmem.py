@@ -2,7 +2,7 @@
 
 Why: XLA:CPU allocates the buffers a step needs with the C library's
 `malloc` and frees them after; most of them live in one temporary block
-(283 MiB for the ref-5M step). glibc serves a block above `M_MMAP_THRESHOLD`
+(283-404 MiB for the ref-5M step). glibc serves a block above `M_MMAP_THRESHOLD`
 (at most 32 MiB) with a fresh `mmap` and returns freed heap tops above
 `M_TRIM_THRESHOLD` to the kernel, so every step page-faults the same
 megabytes in again (103,362 minor faults a ref-5M step). In a VM that costs
@@ -16,9 +16,9 @@ bytes come from does.
   from the heap), a 2 GiB trim threshold (a freed step is kept for the
   next) and the 32 MiB mmap threshold (for a user who re-enables mmap).
 - `inline_cpu_dispatch()`: `jax_cpu_enable_async_dispatch=False`, so a
-  single-device CPU computation runs in the calling thread. glibc only grows
-  the main thread's heap for blocks above 64 MiB; a worker thread's arena
-  maps them whatever `M_MMAP_MAX` says. Only possible before JAX creates
+  single-device CPU computation runs in the calling thread, whose heap can
+  grow; a worker thread's arena cannot hold a block above 64 MiB and maps
+  it whatever `M_MMAP_MAX` says. Only possible before JAX creates
   its CPU client; sharded (multi-device) computations stay asynchronous.
 
 Together (`bench/hostmem.py`, fresh processes): no page faults in the
