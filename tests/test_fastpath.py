@@ -247,6 +247,22 @@ def test_transposed_kernel_matches_autodiff():
   _close(want, got)
 
 
+@pytest.mark.parametrize(
+  "dtype,m", [("bfloat16", 6), ("float16", 10), ("bfloat16", 7), ("float32", 6)]
+)
+def test_canonical_transpose_moves_the_same_bits(dtype, m):
+  # 2-byte dtypes with M even go through uint32 pairs: every bit pattern
+  # (NaN payloads, -0, subnormals) must land where a.T puts it.
+  bits = np.random.default_rng(m).integers(0, 2**16, (m, 5), np.uint16)
+  if dtype == "float32":
+    bits = bits.astype(np.uint32) * 65599
+  a = jax.lax.bitcast_convert_type(jnp.asarray(bits), jnp.dtype(dtype))
+  got = jax.jit(matmul.canonical_transpose)(a)
+  assert got.shape == (5, m) and got.dtype == a.dtype
+  back = jax.lax.bitcast_convert_type(got, jnp.asarray(bits).dtype)
+  np.testing.assert_array_equal(np.asarray(back), bits.T)
+
+
 def test_dense_refuses_mixed_dtypes():
   with pytest.raises(TypeError, match="cast first"):
     matmul.dense(jnp.ones((2, 3)), jnp.ones((3, 4), jnp.bfloat16))
