@@ -63,6 +63,9 @@ def model_config(preset: str = "tiny") -> ml_collections.ConfigDict:
       dtype=ph(str),
       param_dtype=ph(str),
       scan_layers=ph(bool),
+      # Layers per iteration of the scanned stack's loop; 0 (None) = all
+      # of them (no loop: faster, same numbers), 1 with remat or QLoRA.
+      scan_unroll=ph(int),
       remat=ph(str),
       # CLM/SFT/MLM losses run the LM head fused with the log-softmax,
       # at most this many float32 logits (tokens x vocab) at once; 0 =

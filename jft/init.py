@@ -372,6 +372,7 @@ FREE_FIELDS = (
   "dtype",
   "param_dtype",
   "scan_layers",
+  "scan_unroll",
   "remat",
   "head",
   "logits_chunk",

@@ -325,6 +325,45 @@ def test_remat_same_logits_and_grads(cfg, params):
   )
 
 
+def test_scan_unroll_default_has_no_loop_and_the_same_numbers(cfg, params):
+  # The default (all layers a "loop" iteration, without remat) runs the
+  # scanned stack without a while loop; same param tree, same numbers as
+  # the rolled loop, with and without remat.
+  tokens = _tokens(12, (2, 8))
+
+  def loss_fn(c):
+    return jax.jit(
+      jax.value_and_grad(
+        lambda p: Transformer(c).apply({"params": p}, tokens).sum()
+      )
+    )
+
+  for remat in ("none", "dots_no_batch"):
+    base = dataclasses.replace(cfg, remat=remat)
+    rolled = dataclasses.replace(base, scan_unroll=1)
+    full = dataclasses.replace(base, scan_unroll=L)
+    assert rolled.unroll == 1 and full.unroll == L
+    assert base.unroll == (L if remat == "none" else 1)
+    hlo = lambda c: loss_fn(c).lower(params).as_text()
+    assert " while(" in hlo(rolled) or "stablehlo.while" in hlo(rolled)
+    assert "while" not in hlo(full)
+    want = loss_fn(rolled)(params)
+    got = loss_fn(full)(params)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5),
+      got[1],
+      want[1],
+    )
+  assert dataclasses.replace(cfg, scan_unroll=99).unroll == L
+  # 4-bit kernels keep the rolled loop: its memory plan re-expands them
+  # layer by layer (test_fastpath's 4-bit scratch test).
+  qlora = {"quant_kind": "nf4", "quant_table": ((".*", "quantize"),)}
+  assert dataclasses.replace(cfg, peft=qlora).unroll == 1
+  with pytest.raises(ValueError, match="scan_unroll must be an int >= 0"):
+    dataclasses.replace(cfg, scan_unroll=-1)
+
+
 @pytest.mark.parametrize(
   "preset, expected",
   [

@@ -57,7 +57,15 @@ class TransformerConfig:
   edge (README, "Speed"), so it is opt-in and the default stays
   bit-identical to earlier runs.
   `mlp_vjp`: the same for the gated MLP's activation (`jft.models.gated`),
-  0.91x the bf16 step (0.91-1.00x in float32). `family`
+  0.91x the bf16 step (0.91-1.00x in float32). `scan_unroll`: layers per
+  iteration of the scanned stack's loop (`nn.scan`'s `unroll`); 0 (the
+  default) = every layer when `remat='none'` (no loop: XLA sees constant
+  layer indices, and the stacked residuals are written and read without
+  dynamic slices; the ref-5M step 0.82-0.87x, same numbers, same param tree;
+  compile time grows with depth), and 1 with remat or 4-bit kernels: a
+  rolled loop, whose recomputed forward XLA cannot merge back, and whose
+  memory plan holds one layer's expanded 4-bit kernels (unrolled, XLA
+  expanded them early: 2.3x the QLoRA test model's scratch). `family`
   names the Hugging Face architecture the model exports as. `layer_types`
   gives each layer 'full' or 'sliding' attention; empty means every layer
   slides when `sliding_window` is set (Mistral), else none does.
@@ -94,6 +102,7 @@ class TransformerConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   scan_layers: bool = True
+  scan_unroll: int = 0
   remat: str = "none"
   logits_chunk: int = LOGITS_CHUNK
   attention_vjp: bool = False
@@ -137,6 +146,11 @@ class TransformerConfig:
       raise ValueError(
         f"logits_chunk must be an int >= 0, got {self.logits_chunk!r}"
       )
+    if not isinstance(self.scan_unroll, int) or self.scan_unroll < 0:
+      raise ValueError(
+        f"scan_unroll must be an int >= 0 (0: all layers without remat), "
+        f"got {self.scan_unroll!r}"
+      )
     if self.remat not in REMAT_POLICIES:
       raise ValueError(
         f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}"
@@ -174,6 +188,14 @@ class TransformerConfig:
   @property
   def weight_dtype(self) -> jnp.dtype:
     return jnp.dtype(self.param_dtype)
+
+  @property
+  def unroll(self) -> int:
+    """Layers per loop iteration of the scanned stack (`scan_unroll`)."""
+    if self.scan_unroll:
+      return min(self.scan_unroll, self.n_layers)
+    rolled = self.remat != "none" or self.peft.quant_kind
+    return 1 if rolled else self.n_layers
 
   @property
   def sliding_layers(self) -> tuple[bool, ...]:

@@ -339,11 +339,10 @@ class Transformer(nn.Module):
     if cache is not None:
       per_layer["k"], per_layer["v"] = cache["k"], cache["v"]
     block = Block
+    unrolled = not cfg.scan_layers or cfg.unroll == cfg.n_layers
     if cfg.remat != "none":
-      block = nn.remat(
-        block,
-        policy=REMAT_POLICIES[cfg.remat],
-        prevent_cse=not cfg.scan_layers,
+      block = nn.remat(  # no loop around it: barriers keep XLA from CSE
+        block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=unrolled
       )
     if cfg.scan_layers:
       stack = nn.scan(
@@ -352,6 +351,7 @@ class Transformer(nn.Module):
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, 0),
         length=cfg.n_layers,
+        unroll=cfg.unroll,
         metadata_params={nn.PARTITION_NAME: "layers"},
       )(cfg, deterministic, name="layers")
       x, new_kv = stack(x, shared, per_layer)
