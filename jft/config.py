@@ -64,7 +64,8 @@ def model_config(preset: str = "tiny") -> ml_collections.ConfigDict:
       param_dtype=ph(str),
       scan_layers=ph(bool),
       # Layers per iteration of the scanned stack's loop; 0 (None) = all
-      # of them (no loop: faster, same numbers), 1 with remat or QLoRA.
+      # of them (no loop: faster, same numbers up to float rounding), 1
+      # with remat or QLoRA.
       scan_unroll=ph(int),
       remat=ph(str),
       # CLM/SFT/MLM losses run the LM head fused with the log-softmax,

@@ -59,13 +59,14 @@ class TransformerConfig:
   `mlp_vjp`: the same for the gated MLP's activation (`jft.models.gated`),
   0.91x the bf16 step (0.91-1.00x in float32). `scan_unroll`: layers per
   iteration of the scanned stack's loop (`nn.scan`'s `unroll`); 0 (the
-  default) = every layer when `remat='none'` (no loop: XLA sees constant
-  layer indices, and the stacked residuals are written and read without
-  dynamic slices; the ref-5M step 0.82-0.87x, same numbers, same param tree;
-  compile time grows with depth), and 1 with remat or 4-bit kernels: a
-  rolled loop, whose recomputed forward XLA cannot merge back, and whose
-  memory plan holds one layer's expanded 4-bit kernels (unrolled, XLA
-  expanded them early: 2.3x the QLoRA test model's scratch). `family`
+  default) = every layer when `remat='none'` (no loop: XLA sees constant layer
+  indices, and the stacked residuals are written and read without dynamic
+  slices; the ref-5M step 0.82-0.87x, the same numbers up to float rounding,
+  the same param tree; float32 LoRA on the 50M base: 1.04-1.08x and more
+  scratch; compile time grows with depth), and 1 with remat or 4-bit kernels:
+  a rolled loop, whose recomputed forward XLA cannot merge back, and whose
+  memory plan holds one layer's expanded 4-bit kernels (unrolled, XLA expanded
+  them early: 2.3x the QLoRA test model's scratch). `family`
   names the Hugging Face architecture the model exports as. `layer_types`
   gives each layer 'full' or 'sliding' attention; empty means every layer
   slides when `sliding_window` is set (Mistral), else none does.
